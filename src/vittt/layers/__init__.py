@@ -1,0 +1,8 @@
+"""nn.Modules of TTT backbones: inner models, the TTT mixer, positional encodings, MLPs, stems, blocks."""
+from .block import TTTBlock
+from .conv import ConvDownsample, ConvNormAct, ConvStem, PatchEmbed
+from .grid import GridSize, map_to_tokens, tokens_to_map
+from .inner import DWConvInner, InnerModel, SwiGLUInner, resolve_scale
+from .mlp import TokenMlp
+from .rope import RoPE2d, rope_2d_angles
+from .ttt import TTTMixer, vit3_inner_models

@@ -1,0 +1,51 @@
+"""The ViT³ / H-ViT³ block: conditional position encoding, TTT mixer, MLP, each as a residual branch.
+
+    x = x + DWConv3x3(x)                       (CPE, on the token grid, with bias)
+    x = x + DropPath(TTT(Norm(x), grid))
+    x = x + DropPath(MLP(Norm(x), grid))
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from timm.layers import DropPath
+
+from .grid import GridSize, map_to_tokens, tokens_to_map
+from .mlp import TokenMlp
+from .ttt import TTTMixer
+
+__all__ = ['TTTBlock']
+
+
+class TTTBlock(nn.Module):
+    """One block on tokens ``[B, N, C]`` with their grid.
+
+    Args:
+        dim, num_heads: width and SwiGLU heads of the TTT mixer.
+        mlp_ratio: MLP hidden width / dim.
+        norm_eps: LayerNorm eps (1e-6 in ViT³, PyTorch's 1e-5 in H-ViT³).
+        mlp_dwconv: H-ViT³'s depth-wise conv inside the MLP.
+        rope: optional 2-D RoPE module given to the mixer (H-ViT³).
+        drop_path: stochastic-depth rate of both residual branches.
+        ttt_kwargs: passed to :class:`TTTMixer` (inner loss, scale, inner lr, gradient normalisation, ...).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 norm_eps: float = 1e-6, mlp_dwconv: bool = False, rope: Optional[nn.Module] = None,
+                 drop_path: float = 0.0, proj_drop: float = 0.0, ttt_kwargs: Optional[dict] = None):
+        super().__init__()
+        self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = TTTMixer(dim, num_heads, qkv_bias=qkv_bias, rope=rope, **(ttt_kwargs or {}))
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = TokenMlp(dim, int(dim * mlp_ratio), dwconv=mlp_dwconv, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        x = x + map_to_tokens(self.cpe(tokens_to_map(x, grid_size)))
+        x = x + self.drop_path1(self.attn(self.norm1(x), grid_size))
+        x = x + self.drop_path2(self.mlp(self.norm2(x), grid_size))
+        return x

@@ -1,0 +1,103 @@
+"""Convolutional pieces of H-ViT³: the ÷4 stem and the ÷2 patch-merging downsample, both any input size."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grid import GridSize, map_to_tokens, tokens_to_map
+
+__all__ = ['ConvNormAct', 'ConvStem', 'ConvDownsample', 'PatchEmbed']
+
+
+class ConvNormAct(nn.Module):
+    """``conv -> [BatchNorm] -> [ReLU]`` (attribute names ``conv``, ``norm``, ``act`` as in the official weights)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, padding: int = 0,
+                 groups: int = 1, bias: bool = True, norm: bool = True, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias)
+        self.norm = nn.BatchNorm2d(out_chs) if norm else None
+        self.act = nn.ReLU() if act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+class ConvStem(nn.Module):
+    """÷4 stem: 3×3 s2 (C/2) -> 3×3 -> 3×3 -> 3×3 s2 (4C) -> 1×1 (C), BN everywhere, ReLU except the last.
+
+    Inputs whose sides are not multiples of 4 are zero-padded on the right/bottom first (as the official
+    dense-prediction backbone does), so the output grid is ``ceil(H/4) × ceil(W/4)``.
+    """
+
+    stride = 4
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        half = dim // 2
+        self.conv = nn.Sequential(
+            ConvNormAct(in_chans, half, 3, 2, 1, bias=False),
+            ConvNormAct(half, half, 3, 1, 1, bias=False),
+            ConvNormAct(half, half, 3, 1, 1, bias=False),
+            ConvNormAct(half, dim * 4, 3, 2, 1, bias=False),
+            ConvNormAct(dim * 4, dim, 1, bias=False, act=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, GridSize]:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % self.stride, -w % self.stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.conv(x)
+        return map_to_tokens(x), (x.shape[-2], x.shape[-1])
+
+
+class ConvDownsample(nn.Module):
+    """÷2 patch merging: 1×1 (4C') + ReLU -> depth-wise 3×3 s2 + ReLU -> 1×1 (C') + BN, all with bias.
+
+    Odd grids get one zero row/column of tokens on the bottom/right first (official dense backbone), so the
+    output grid is ``ceil(H/2) × ceil(W/2)``.
+    """
+
+    def __init__(self, dim: int, dim_out: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim_out * ratio)
+        self.conv = nn.Sequential(
+            ConvNormAct(dim, hidden, 1, norm=False),
+            ConvNormAct(hidden, hidden, 3, 2, 1, groups=hidden, norm=False),
+            ConvNormAct(hidden, dim_out, 1, act=False),
+        )
+
+    def forward(self, x: torch.Tensor, grid_size: GridSize) -> Tuple[torch.Tensor, GridSize]:
+        x = tokens_to_map(x, grid_size)
+        h, w = grid_size
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, w % 2, 0, h % 2))
+        x = self.conv(x)
+        return map_to_tokens(x), (x.shape[-2], x.shape[-1])
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` patches -> ``dim`` channels (conv ``proj``). Sides that are not multiples
+    of the patch size are zero-padded on the right/bottom, so the grid is ``ceil(H/p) × ceil(W/p)``."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int = 16):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, GridSize]:
+        p = self.patch_size
+        h, w = x.shape[-2:]
+        if h % p or w % p:
+            x = F.pad(x, (0, -w % p, 0, -h % p))
+        x = self.proj(x)
+        return map_to_tokens(x), (x.shape[-2], x.shape[-1])

@@ -1,0 +1,65 @@
+"""2-D rotary position embedding in H-ViT³'s channel layout, computed for any grid and cached.
+
+For ``C`` channels, ``k_max = C / 4`` frequencies ``θ_k = base^(-k / k_max)``. The angle of channel pair
+``p`` (channels ``2p, 2p+1``, rotated as one complex number) at grid position ``(row, col)`` is
+``row · θ_p`` for ``p < k_max`` and ``col · θ_(p - k_max)`` otherwise. Applied to the full C-wide query/key
+before the head split, so the first half of the heads encodes rows and the second half columns (the layout of
+the official checkpoints). Computed in float32; the result is returned in the input's dtype.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .grid import GridSize
+
+__all__ = ['RoPE2d', 'rope_2d_angles']
+
+
+def rope_2d_angles(grid_size: GridSize, dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
+    """Angle table ``[H, W, dim // 2]`` (float32)."""
+    if dim % 4:
+        raise ValueError(f'2-D RoPE needs a channel count divisible by 4, got {dim}')
+    k_max = dim // 4
+    theta = 1.0 / (base ** (torch.arange(k_max, device=device) / k_max))
+    rows, cols = torch.meshgrid(torch.arange(grid_size[0], device=device), torch.arange(grid_size[1], device=device),
+                                indexing='ij')
+    return torch.cat([rows.unsqueeze(-1) * theta, cols.unsqueeze(-1) * theta], dim=-1)
+
+
+class RoPE2d(nn.Module):
+    """Rotates ``x [B, H*W, dim]`` by the 2-D RoPE of its grid. No parameters; tables cached per grid/device."""
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f'2-D RoPE needs a channel count divisible by 4, got {dim}')
+        self.dim = dim
+        self.base = base
+        self._cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, grid_size: GridSize, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``[H*W, dim // 2]`` float32."""
+        key = (int(grid_size[0]), int(grid_size[1]), str(device))
+        if not torch.compiler.is_compiling() and key in self._cache:
+            return self._cache[key]
+        angles = rope_2d_angles(grid_size, self.dim, self.base, device).reshape(-1, self.dim // 2)
+        out = (torch.cos(angles), torch.sin(angles))
+        if not torch.compiler.is_compiling() and not isinstance(angles, FakeTensor):  # never keep shape-only tensors
+            if len(self._cache) >= 16:  # many distinct resolutions: keep memory bounded
+                self._cache.clear()
+            self._cache[key] = out
+        return out
+
+    def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        cos, sin = self.tables(grid_size, x.device)
+        pairs = x.float().unflatten(-1, (-1, 2))
+        re, im = pairs[..., 0], pairs[..., 1]
+        out = torch.stack([re * cos - im * sin, im * cos + re * sin], dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, base={self.base}'

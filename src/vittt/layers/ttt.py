@@ -1,0 +1,66 @@
+"""The ViT³ TTT token mixer: one QKV projection feeding several inner models, one output projection.
+
+Default layout (the released ViT³ / H-ViT³ checkpoints): all ``num_heads`` heads use the simplified-SwiGLU inner
+model and one *extra* ``head_dim``-wide head uses the 3×3 depth-wise conv inner model, so the QKV projection is
+``C -> 3C + 3d`` (split per inner model as q, k, v) and the output projection ``C + d -> C``. Optional 2-D RoPE
+is applied to the query/key of every inner model that accepts it (the SwiGLU heads).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..ops import InnerLoss
+from .grid import GridSize
+from .inner import DWConvInner, InnerModel, Scale, SwiGLUInner
+
+__all__ = ['TTTMixer', 'vit3_inner_models']
+
+
+def vit3_inner_models(dim: int, num_heads: int, conv_kernel_size: int = 3, **inner_kwargs) -> List[InnerModel]:
+    """ViT³'s inner models: SwiGLU on all heads plus one extra depth-wise conv head of the same width."""
+    if dim % num_heads:
+        raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+    head_dim = dim // num_heads
+    return [SwiGLUInner(num_heads, head_dim, **inner_kwargs),
+            DWConvInner(head_dim, kernel_size=conv_kernel_size, **inner_kwargs)]
+
+
+class TTTMixer(nn.Module):
+    """Token mixer ``[B, N, C] -> [B, N, C]`` on a ``(H, W)`` grid.
+
+    Args:
+        dim: channels C.
+        num_heads: heads of the default inner models (ignored when ``inner_models`` is given).
+        qkv_bias: bias of the QKV projection (True in every released model).
+        rope: optional module ``rope(x [B, N, c], grid_size)`` applied to q and k of rope-accepting inner models.
+        inner_models: the inner models; default :func:`vit3_inner_models`.
+        inner_loss, scale, inner_lr, grad_norm, conv_kernel_size: settings of the default inner models
+            (dot-product loss, scale 1/3 or ``'head_dim'`` for d^-1/2, lr 1.0, soft gradient normalisation on).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 1, qkv_bias: bool = True, rope: Optional[nn.Module] = None,
+                 inner_models: Optional[Sequence[InnerModel]] = None, *, inner_loss: Union[str, InnerLoss] = 'dot',
+                 scale: Scale = 1 / 3, inner_lr: float = 1.0, grad_norm: bool = True, conv_kernel_size: int = 3):
+        super().__init__()
+        if inner_models is None:
+            inner_models = vit3_inner_models(dim, num_heads, conv_kernel_size, loss=inner_loss, scale=scale,
+                                             inner_lr=inner_lr, grad_norm=grad_norm)
+        self.dim = dim
+        self.inner = nn.ModuleList(inner_models)
+        self.rope = rope
+        self._splits = [m.width for m in self.inner for _ in range(3)]
+        self.qkv = nn.Linear(dim, sum(self._splits), bias=qkv_bias)
+        self.proj = nn.Linear(sum(m.out_width for m in self.inner), dim)
+
+    def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        parts = self.qkv(x).split(self._splits, dim=-1)
+        outs = []
+        for i, inner in enumerate(self.inner):
+            q, k, v = parts[3 * i:3 * i + 3]
+            if self.rope is not None and inner.accepts_rope:
+                q, k = self.rope(q, grid_size), self.rope(k, grid_size)
+            outs.append(inner(q, k, v, grid_size))
+        return self.proj(torch.cat(outs, dim=-1))

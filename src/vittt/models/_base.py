@@ -1,0 +1,89 @@
+"""What the ViT³ and H-ViT³ model classes share: input checks, weight init, the classifier head API."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from timm.layers import trunc_normal_
+
+__all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block']
+
+
+def check_images(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
+    """Raise a ValueError naming the problem when ``x`` is not a batch of images this model can take."""
+    if x.ndim != 4:
+        raise ValueError(f'{model_name} expects images shaped [B, C, H, W], got a tensor of shape {tuple(x.shape)}')
+    if x.shape[1] != in_chans:
+        raise ValueError(f'{model_name} expects {in_chans}-channel images, got {x.shape[1]} channels '
+                         f'(input shape {tuple(x.shape)})')
+    h, w = x.shape[-2:]
+    if h < min_size or w < min_size:
+        raise ValueError(f'{model_name} needs images of at least {min_size}×{min_size} pixels, got {h}×{w}')
+
+
+def init_weights(module: nn.Module) -> None:
+    """Official init: Linear trunc_normal(0.02) with zero bias, LayerNorm 1/0; convs keep PyTorch's default."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ClassifierMixin:
+    """Pooled linear head: ``global_pool`` in {'avg', ''}, ``head_drop``, ``head`` (Linear or Identity)."""
+
+    num_classes: int
+    global_pool: str
+    num_features: int
+
+    def _init_head(self, num_classes: int, global_pool: str, drop_rate: float) -> None:
+        self._check_pool(global_pool)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @staticmethod
+    def _check_pool(global_pool: str) -> None:
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            self._check_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``x`` is the ``[B, C, H, W]`` output of ``forward_features``."""
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        """Nothing beyond timm's default (1-D parameters and biases): the official recipe decays W0 and CPE kernels."""
+        return set()
+
+
+def run_block(block: nn.Module, x: torch.Tensor, grid_size, checkpointing: bool) -> torch.Tensor:
+    if checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        return torch.utils.checkpoint.checkpoint(block, x, grid_size, use_reentrant=False)
+    return block(x, grid_size)

@@ -1,0 +1,144 @@
+"""Plain ViT³ (Han et al., CVPR 2026): a DeiT-like column whose attention is replaced by the TTT mixer.
+
+patch 16 -> [CPE, LN, TTT, LN, MLP] × depth -> LN -> mean over tokens -> Linear.
+No class token and no absolute position embedding (position comes from the CPE and the conv inner model), so any
+resolution and aspect ratio runs without changes; sides that are not multiples of 16 are zero-padded.
+
+The network here is built from the same ``TTTBlock`` as H-ViT³ (:mod:`vittt.models.hvit3`).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..layers import PatchEmbed, TTTBlock, tokens_to_map
+from ._base import ClassifierMixin, check_images, init_weights, run_block
+from .official import checkpoint_filter_fn
+
+__all__ = ['ViT3']
+
+
+class ViT3(ClassifierMixin, nn.Module):
+    """Plain ViT³.
+
+    Args:
+        img_size: nominal input size (for ``pretrained_cfg`` only; the model runs at any size ≥ ``patch_size``).
+        patch_size, in_chans, num_classes, global_pool ('avg' or ''), embed_dim, depth, num_heads, mlp_ratio,
+        qkv_bias, drop_rate (before the head), proj_drop_rate (MLP dropout), drop_path_rate (linear over depth).
+        ttt_kwargs: options of every TTT mixer (``inner_loss``, ``scale``, ``inner_lr``, ``grad_norm``, ...).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 global_pool: str = 'avg', embed_dim: int = 192, depth: int = 12, num_heads: int = 6,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, ttt_kwargs: Optional[dict] = None):
+        super().__init__()
+        self.in_chans, self.patch_size = in_chans, patch_size
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.grad_checkpointing = False
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            TTTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps=1e-6, drop_path=dpr[i],
+                     proj_drop=proj_drop_rate, ttt_kwargs=ttt_kwargs)
+            for i in range(depth)])
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'blocks.{i}') for i in range(depth)]
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._init_head(num_classes, global_pool, drop_rate)
+        self.apply(init_weights)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r'^patch_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        check_images(x, self.in_chans, self.patch_size, type(self).__name__)
+        return self.patch_embed(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` -> normalised features ``[B, C, ceil(H/16), ceil(W/16)]``."""
+        x, grid = self._embed(x)
+        for block in self.blocks:
+            x = run_block(block, x, grid, self.grad_checkpointing)
+        return tokens_to_map(self.norm(x), grid)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Block outputs at ``indices`` (last n if int, all if None) as ``NCHW`` (or ``NHWC`` / ``NLC``) maps,
+        optionally through the final norm; also returns the ``forward_features`` output unless intermediates_only."""
+        if output_fmt not in ('NCHW', 'NHWC', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW', 'NHWC' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._embed(x)
+        blocks = self.blocks[:max_index + 1] if (stop_early or intermediates_only) else self.blocks
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = run_block(block, x, grid, self.grad_checkpointing)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                if output_fmt == 'NCHW':
+                    y = tokens_to_map(y, grid)
+                elif output_fmt == 'NHWC':
+                    y = y.reshape(y.shape[0], grid[0], grid[1], -1)
+                intermediates.append(y)
+        if intermediates_only:
+            return intermediates
+        return tokens_to_map(self.norm(x), grid), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """Drop the blocks after the last wanted index (and optionally the norm and head)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+def _cfg(**kwargs):
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14), 'crop_pct': 0.875,
+        'interpolation': 'bicubic', 'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD, 'first_conv': 'patch_embed.proj', 'classifier': 'head',
+        'paper_ids': 'arXiv:2512.01643', 'paper_name': 'ViT³: Unlocking Test-Time Training in Vision',
+        'origin_url': 'https://github.com/LeapLabTHU/ViTTT', **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    'vit3_tiny.in1k': _cfg(),
+    'vit3_small.in1k': _cfg(),
+    'vit3_base.in1k': _cfg(),
+})
+
+
+def _create_vit3(variant: str, pretrained: bool = False, **kwargs) -> ViT3:
+    depth = kwargs.get('depth', 12)
+    out_indices = kwargs.pop('out_indices', tuple(depth * (i + 1) // 4 - 1 for i in range(4)))
+    return build_model_with_cfg(ViT3, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+
+
+@register_model
+def vit3_tiny(pretrained: bool = False, **kwargs) -> ViT3:
+    """ViT³-T: 192 wide, 12 blocks, 6 heads of 32 (6.15M params, 1.22 GMACs at 224²)."""
+    return _create_vit3('vit3_tiny', pretrained, **dict(dict(embed_dim=192, depth=12, num_heads=6), **kwargs))
+
+
+@register_model
+def vit3_small(pretrained: bool = False, **kwargs) -> ViT3:
+    """ViT³-S: 384 wide, 12 blocks, 6 heads of 64 (23.80M params, 4.81 GMACs at 224²; recipe drop-path 0.1)."""
+    return _create_vit3('vit3_small', pretrained, **dict(dict(embed_dim=384, depth=12, num_heads=6), **kwargs))
+
+
+@register_model
+def vit3_base(pretrained: bool = False, **kwargs) -> ViT3:
+    """ViT³-B: 768 wide, 12 blocks, 12 heads of 64 (90.06M params, 17.94 GMACs at 224²; recipe drop-path 0.4)."""
+    return _create_vit3('vit3_base', pretrained, **dict(dict(embed_dim=768, depth=12, num_heads=12), **kwargs))

@@ -1,0 +1,18 @@
+"""The soft normalisation ViT³ applies to every inner gradient before the step (official code only).
+
+``g / (||g|| + 1)``: a gradient part with a large norm gets a step of length ~1, a small one is left almost
+unchanged. The norm runs over ``dims`` (the d input rows of each output column for a d×d matrix; the k×k
+taps of each channel for a depth-wise kernel).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+__all__ = ['soft_normalize']
+
+
+def soft_normalize(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch.Tensor:
+    """``grad / (||grad||_2 over dims + 1)``, norms kept for broadcasting."""
+    return grad / (torch.linalg.vector_norm(grad, dim=dims, keepdim=True) + 1.0)
