@@ -142,3 +142,9 @@ def test_unreadable_checkpoint_files(tmp_path):
 
 class _Config:
     """Stands in for the yacs config object official training checkpoints carry."""
+
+
+@pytest.mark.parametrize('name', ['vit3_tiny', 'hvit3_small'])
+def test_pretrained_without_file_explains_how_to_get_weights(name):
+    with pytest.raises(RuntimeError, match=r"pretrained_cfg_overlay=dict\(file=.*vittt convert"):
+        timm.create_model(name, pretrained=True)

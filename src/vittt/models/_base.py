@@ -8,7 +8,7 @@ import torch.utils.checkpoint
 from torch import nn
 from timm.layers import trunc_normal_
 
-__all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block']
+__all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block', 'require_weight_source']
 
 
 def check_images(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
@@ -87,3 +87,15 @@ def run_block(block: nn.Module, x: torch.Tensor, grid_size, checkpointing: bool)
     if checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
         return torch.utils.checkpoint.checkpoint(block, x, grid_size, use_reentrant=False)
     return block(x, grid_size)
+
+
+def require_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
+    """No weights are hosted for download: ``pretrained=True`` needs a local file (or state dict) in
+    ``pretrained_cfg_overlay``. Say so, and how, instead of timm's generic message."""
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if pretrained and not any(overlay.get(k) for k in ('file', 'state_dict', 'url', 'hf_hub_id')):
+        raise RuntimeError(
+            f'no download location is known for {variant} weights: get the official checkpoint '
+            f'(https://github.com/LeapLabTHU/ViTTT) and load it with timm.create_model({variant!r}, pretrained=True, '
+            f"pretrained_cfg_overlay=dict(file='path/to/checkpoint.pth')), or convert it once with "
+            f'`vittt convert checkpoint.pth {variant}.safetensors` and pass that file')

@@ -18,7 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ..layers import ConvDownsample, ConvStem, GridSize, RoPE2d, TTTBlock, tokens_to_map
-from ._base import ClassifierMixin, check_images, init_weights, run_block
+from ._base import ClassifierMixin, check_images, init_weights, require_weight_source, run_block
 from .official import checkpoint_filter_fn
 
 __all__ = ['HViT3', 'HViT3Stage']
@@ -170,6 +170,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_hvit3(variant: str, pretrained: bool = False, **kwargs) -> HViT3:
+    require_weight_source(variant, pretrained, kwargs)
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(HViT3, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)

@@ -17,7 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ..layers import PatchEmbed, TTTBlock, tokens_to_map
-from ._base import ClassifierMixin, check_images, init_weights, run_block
+from ._base import ClassifierMixin, check_images, init_weights, require_weight_source, run_block
 from .official import checkpoint_filter_fn
 
 __all__ = ['ViT3']
@@ -120,6 +120,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_vit3(variant: str, pretrained: bool = False, **kwargs) -> ViT3:
+    require_weight_source(variant, pretrained, kwargs)
     depth = kwargs.get('depth', 12)
     out_indices = kwargs.pop('out_indices', tuple(depth * (i + 1) // 4 - 1 for i in range(4)))
     return build_model_with_cfg(ViT3, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,

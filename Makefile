@@ -1,0 +1,22 @@
+.PHONY: help bootstrap demo test clean
+
+# Extra arguments for pytest, e.g. make test PYTEST_ARGS="-k nms -x"
+PYTEST_ARGS ?=
+
+help:
+	@echo "make demo   - set up (scripts/bootstrap.sh) and list the vittt models"
+	@echo "make test   - set up and run the test suite (extra pytest args: PYTEST_ARGS=...)"
+	@echo "make clean  - remove .venv and caches"
+
+bootstrap:
+	bash scripts/bootstrap.sh
+
+demo: bootstrap
+	.venv/bin/vittt models
+
+test: bootstrap
+	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf .venv .pytest_cache build dist
+	find . -path ./.git -prune -o \( -name __pycache__ -o -name "*.egg-info" \) -type d -prune -exec rm -rf {} +
