@@ -46,8 +46,9 @@ class RoPE2d(nn.Module):
         key = (int(grid_size[0]), int(grid_size[1]), str(device))
         if not torch.compiler.is_compiling() and key in self._cache:
             return self._cache[key]
-        angles = rope_2d_angles(grid_size, self.dim, self.base, device).reshape(-1, self.dim // 2)
-        out = (torch.cos(angles), torch.sin(angles))
+        with torch.inference_mode(False):  # a table made under inference_mode could not serve a later training step
+            angles = rope_2d_angles(grid_size, self.dim, self.base, device).reshape(-1, self.dim // 2)
+            out = (torch.cos(angles), torch.sin(angles))
         if not torch.compiler.is_compiling() and not isinstance(angles, FakeTensor):  # never keep shape-only tensors
             if len(self._cache) >= 16:  # many distinct resolutions: keep memory bounded
                 self._cache.clear()

@@ -115,7 +115,8 @@ class HViT3(ClassifierMixin, nn.Module):
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
                               intermediates_only: bool = False):
         """Stage outputs (before merging; strides 4/8/16/32) at ``indices`` as ``NCHW`` or ``NHWC`` maps.
-        ``norm`` applies the final BatchNorm to the last stage's map."""
+        ``norm`` applies the final BatchNorm to the last stage's map. With ``stop_early`` before the last stage, the
+        returned final map is the last computed stage's output (no merge, no final norm)."""
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
@@ -130,11 +131,12 @@ class HViT3(ClassifierMixin, nn.Module):
                 if norm and i == last:
                     y = self.norm(y)
                 intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else y)
-            if stage.downsample is not None:
+            if stage.downsample is not None and i < len(stages) - 1:
                 x, grid = stage.downsample(x, grid)
         if intermediates_only:
             return intermediates
-        return self.norm(tokens_to_map(x, grid)), intermediates
+        final = tokens_to_map(x, grid)
+        return (self.norm(final) if len(stages) == len(self.layers) else final), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):
