@@ -6,9 +6,11 @@ from typing import Optional
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg
 
-__all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block', 'require_weight_source']
+__all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block', 'vit3_pretrained_cfg', 'create_model']
 
 
 def check_images(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
@@ -73,6 +75,13 @@ class ClassifierMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def _prune_norm_and_head(self, prune_norm: bool, prune_head: bool) -> None:
+        """The end of ``prune_intermediate_layers``: optionally drop the final norm and the classifier."""
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -99,3 +108,22 @@ def require_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
             f'(https://github.com/LeapLabTHU/ViTTT) and load it with timm.create_model({variant!r}, pretrained=True, '
             f"pretrained_cfg_overlay=dict(file='path/to/checkpoint.pth')), or convert it once with "
             f'`vittt convert checkpoint.pth {variant}.safetensors` and pass that file')
+
+
+def vit3_pretrained_cfg(**kwargs) -> dict:
+    """timm ``pretrained_cfg`` of the official ImageNet-1k weights (eval: resize 256/224 · size, centre crop)."""
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'classifier': 'head',
+        'paper_ids': 'arXiv:2512.01643', 'paper_name': 'ViT³: Unlocking Test-Time Training in Vision',
+        'origin_url': 'https://github.com/LeapLabTHU/ViTTT', **kwargs}
+
+
+def create_model(model_cls, variant: str, pretrained: bool, default_out_indices, **kwargs):
+    """``build_model_with_cfg`` with the official-checkpoint filter and ``features_only`` via forward_intermediates."""
+    from .official import checkpoint_filter_fn
+
+    require_weight_source(variant, pretrained, kwargs)
+    out_indices = kwargs.pop('out_indices', default_out_indices)
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)

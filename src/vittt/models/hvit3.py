@@ -13,13 +13,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import ConvDownsample, ConvStem, GridSize, RoPE2d, TTTBlock, tokens_to_map
-from ._base import ClassifierMixin, check_images, init_weights, require_weight_source, run_block
-from .official import checkpoint_filter_fn
+from ._base import ClassifierMixin, check_images, create_model, init_weights, run_block, vit3_pretrained_cfg
 
 __all__ = ['HViT3', 'HViT3Stage']
 
@@ -148,20 +146,12 @@ class HViT3(ClassifierMixin, nn.Module):
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
             self.norm = nn.Identity()
             prune_head = True
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
+        self._prune_norm_and_head(prune_norm, prune_head)
         return take_indices
 
 
 def _cfg(**kwargs):
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.875,
-        'interpolation': 'bicubic', 'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD, 'first_conv': 'patch_embed.conv.0.conv', 'classifier': 'head',
-        'paper_ids': 'arXiv:2512.01643', 'paper_name': 'ViT³: Unlocking Test-Time Training in Vision',
-        'origin_url': 'https://github.com/LeapLabTHU/ViTTT', **kwargs}
+    return vit3_pretrained_cfg(pool_size=(7, 7), first_conv='patch_embed.conv.0.conv', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
@@ -172,10 +162,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_hvit3(variant: str, pretrained: bool = False, **kwargs) -> HViT3:
-    require_weight_source(variant, pretrained, kwargs)
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(HViT3, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    return create_model(HViT3, variant, pretrained, (0, 1, 2, 3), **kwargs)
 
 
 @register_model

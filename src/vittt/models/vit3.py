@@ -12,13 +12,11 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import PatchEmbed, TTTBlock, tokens_to_map
-from ._base import ClassifierMixin, check_images, init_weights, require_weight_source, run_block
-from .official import checkpoint_filter_fn
+from ._base import ClassifierMixin, check_images, create_model, init_weights, run_block, vit3_pretrained_cfg
 
 __all__ = ['ViT3']
 
@@ -96,20 +94,12 @@ class ViT3(ClassifierMixin, nn.Module):
         """Drop the blocks after the last wanted index (and optionally the norm and head)."""
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
+        self._prune_norm_and_head(prune_norm, prune_head)
         return take_indices
 
 
 def _cfg(**kwargs):
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14), 'crop_pct': 0.875,
-        'interpolation': 'bicubic', 'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD, 'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        'paper_ids': 'arXiv:2512.01643', 'paper_name': 'ViT³: Unlocking Test-Time Training in Vision',
-        'origin_url': 'https://github.com/LeapLabTHU/ViTTT', **kwargs}
+    return vit3_pretrained_cfg(pool_size=(14, 14), first_conv='patch_embed.proj', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
@@ -120,11 +110,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_vit3(variant: str, pretrained: bool = False, **kwargs) -> ViT3:
-    require_weight_source(variant, pretrained, kwargs)
     depth = kwargs.get('depth', 12)
-    out_indices = kwargs.pop('out_indices', tuple(depth * (i + 1) // 4 - 1 for i in range(4)))
-    return build_model_with_cfg(ViT3, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    return create_model(ViT3, variant, pretrained, tuple(depth * (i + 1) // 4 - 1 for i in range(4)), **kwargs)
 
 
 @register_model
