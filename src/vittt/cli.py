@@ -7,7 +7,8 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
-DEFAULT_MODELS = ('vit3_tiny', 'vit3_small', 'vit3_base', 'hvit3_tiny', 'hvit3_small', 'hvit3_base')
+DEFAULT_MODELS = ('vit3_tiny', 'vit3_small', 'vit3_base', 'hvit3_tiny', 'hvit3_small', 'hvit3_base',
+                  'vision_ttt_tiny', 'vision_ttt_small', 'vision_ttt_base')
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -45,6 +46,8 @@ def cmd_models(args) -> int:
                 features = model.forward_features(x)
                 logits = model.forward_head(features)
                 ms = (time.perf_counter() - start) * 1e3
+            if features.ndim == 3:  # token output (Vision-TTT, timm-ViT style): report it as a map
+                features = features.transpose(1, 2).reshape(features.shape[0], -1, -(-h // 16), -(-w // 16))
             if not torch.isfinite(logits).all():
                 raise RuntimeError(f'{name} produced non-finite logits at {h}x{w}')
             macs = count_macs(model, (3, h, w))

@@ -492,3 +492,11 @@ def test_feature_info_and_widths(model):
         assert [i['reduction'] for i in info] == [4, 8, 16, 32]
     else:
         assert len(info) == len(model.blocks) and {i['reduction'] for i in info} == {16}
+
+
+@pytest.mark.parametrize('name', ['vit3_tiny', 'vision_ttt_tiny'])
+@pytest.mark.parametrize('depth,expected', [(1, (0,)), (2, (0, 1)), (3, (0, 1, 2)), (12, (2, 5, 8, 11))])
+def test_default_feature_taps_of_shallow_plain_models(name, depth, expected):
+    fm = timm.create_model(name, depth=depth, features_only=True)
+    assert tuple(fm.feature_info.out_indices) == expected
+    assert len(fm(torch.randn(1, 3, 32, 48))) == len(expected) == len(fm.feature_info.channels())

@@ -6,3 +6,4 @@ from .inner import DWConvInner, InnerModel, SwiGLUInner, resolve_scale
 from .mlp import TokenMlp
 from .rope import RoPE2d, rope_2d_angles
 from .ttt import TTTMixer, vit3_inner_models
+from .vision_ttt import MERGE_RULES, SCAN_ORDERS, TTTInnerState, VisionTTTMixer

@@ -1,4 +1,5 @@
-"""ViT³ / H-ViT³ backbones, registered in timm's registry on import."""
+"""ViT³ / H-ViT³ / Vision-TTT backbones, registered in timm's registry on import."""
 from .hvit3 import HViT3, HViT3Stage
 from .official import CheckpointError, convert_official_file, convert_official_state_dict
 from .vit3 import ViT3
+from .vision_ttt import VisionTTT, VisionTTTBlock

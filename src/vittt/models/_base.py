@@ -10,7 +10,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 
-__all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block', 'vit3_pretrained_cfg', 'create_model']
+__all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block', 'vit3_pretrained_cfg', 'create_model',
+           'quarter_depth_indices']
 
 
 def check_images(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
@@ -127,3 +128,9 @@ def create_model(model_cls, variant: str, pretrained: bool, default_out_indices,
     out_indices = kwargs.pop('out_indices', default_out_indices)
     return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+
+
+def quarter_depth_indices(depth: int):
+    """Default ``features_only`` taps of a plain (single-stage) model: the blocks ending each quarter of the depth,
+    e.g. (2, 5, 8, 11) for 12 blocks; fewer, distinct taps when depth < 4."""
+    return tuple(sorted({max(0, depth * (i + 1) // 4 - 1) for i in range(4)}))

@@ -16,7 +16,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import PatchEmbed, TTTBlock, tokens_to_map
-from ._base import ClassifierMixin, check_images, create_model, init_weights, run_block, vit3_pretrained_cfg
+from ._base import (ClassifierMixin, check_images, create_model, init_weights, quarter_depth_indices, run_block,
+                    vit3_pretrained_cfg)
 
 __all__ = ['ViT3']
 
@@ -110,8 +111,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_vit3(variant: str, pretrained: bool = False, **kwargs) -> ViT3:
-    depth = kwargs.get('depth', 12)
-    return create_model(ViT3, variant, pretrained, tuple(depth * (i + 1) // 4 - 1 for i in range(4)), **kwargs)
+    return create_model(ViT3, variant, pretrained, quarter_depth_indices(kwargs.get('depth', 12)), **kwargs)
 
 
 @register_model
