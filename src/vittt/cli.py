@@ -31,14 +31,14 @@ def cmd_models(args) -> int:
 
     torch.manual_seed(0)
     rows = []
-    header = f'{"model":<13}{"params":>9}' + ''.join(
+    header = f'{"model":<18}{"params":>9}' + ''.join(
         f'{f"GMACs@{h}x{w}":>17}{f"logits@{h}x{w}":>18}{f"features@{h}x{w}":>22}{"ms":>8}' for h, w in args.sizes)
     print(header)
     print('-' * len(header))
     for name in args.models:
         model = timm.create_model(name).eval()
         row = {'model': name, 'params': count_params(model), 'sizes': []}
-        line = f'{name:<13}{row["params"] / 1e6:>8.2f}M'
+        line = f'{name:<18}{row["params"] / 1e6:>8.2f}M'
         for h, w in args.sizes:
             x = torch.randn(args.batch_size, 3, h, w)
             with torch.no_grad():
