@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 DEFAULT_MODELS = ('vit3_tiny', 'vit3_small', 'vit3_base', 'hvit3_tiny', 'hvit3_small', 'hvit3_base',
@@ -74,6 +75,109 @@ def cmd_convert(args) -> int:
     return 0
 
 
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
+
+
+def _recipe_from_args(args):
+    from .train import load_recipe, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    for key, value in (('model', args.model), ('epochs', args.epochs), ('img_size', args.img_size),
+                       ('batch_size', args.batch_size), ('lr', args.lr), ('num_workers', args.workers)):
+        if value is not None:
+            overrides[key] = value
+    recipe_file = args.recipe
+    if recipe_file is None and (REPO_CONFIGS / f'{args.model}.yaml').is_file():
+        recipe_file = REPO_CONFIGS / f'{args.model}.yaml'
+    return load_recipe(recipe_file, overrides), recipe_file
+
+
+def _datasets(data: str, recipe, train: bool = True):
+    from .data import create_dataset, create_transforms, num_classes_of
+
+    eval_tf = create_transforms(recipe['img_size'], recipe['in_chans'], train=False, recipe=recipe)
+    val_set = create_dataset(data, 'val', eval_tf)
+    if not train:
+        return None, val_set, num_classes_of(val_set)
+    train_set = create_dataset(data, 'train', create_transforms(recipe['img_size'], recipe['in_chans'], train=True,
+                                                                recipe=recipe))
+    return train_set, val_set, num_classes_of(train_set)
+
+
+def cmd_train(args) -> int:
+    from .train import Trainer, init_distributed
+
+    recipe, recipe_file = _recipe_from_args(args)
+    info = init_distributed(args.device)
+    if info.is_main:
+        print(f'vittt train: {recipe["model"]} on {args.data} -> {args.output} '
+              f'(recipe {recipe_file or "defaults"}, {info.world_size} process(es), {info.device})', flush=True)
+    train_set, val_set, num_classes = _datasets(args.data, recipe)
+    trainer = Trainer(recipe, train_set, val_set, num_classes, args.output, info, resume=args.resume,
+                      progress=not args.no_progress)
+    trainer.fit()
+    return 0
+
+
+def _load_for_eval(model_name: str, checkpoint: str, use_ema: bool, recipe):
+    import timm
+    from .models.official import check_state_dict, convert_official_state_dict, load_checkpoint_file
+    from .train import CHECKPOINT_FORMAT, build_model
+
+    raw = load_checkpoint_file(checkpoint)
+    if isinstance(raw, dict) and raw.get('format') == CHECKPOINT_FORMAT:
+        if raw['model_name'] != model_name:
+            raise ValueError(f'{checkpoint} holds a {raw["model_name"]}, not a {model_name}')
+        state = raw['ema'] if use_ema and raw.get('ema') is not None else raw['model']
+        train_recipe = dict(raw['recipe'], img_size=recipe['img_size'], drop_path=0.0, drop=0.0,
+                            grad_checkpointing=False)
+        model = build_model(train_recipe, raw['num_classes'])
+        recipe['in_chans'] = train_recipe['in_chans']
+    else:
+        state = convert_official_state_dict(raw, use_ema=use_ema)
+        num_classes = state['head.weight'].shape[0] if 'head.weight' in state else 1000
+        model = timm.create_model(model_name, num_classes=num_classes)
+    check_state_dict(state, model)
+    model.load_state_dict(state)
+    return model
+
+
+def cmd_eval(args) -> int:
+    from .io import atomic_write
+    from .train import evaluate, init_distributed
+    from .train.engine import eval_loader
+    from .train import load_recipe
+
+    recipe = load_recipe(None, dict(model=args.model, img_size=args.img_size or 224))
+    if args.crop_pct is not None:
+        recipe['crop_pct'] = args.crop_pct
+    info = init_distributed(args.device)
+    model = _load_for_eval(args.model, args.checkpoint, not args.no_ema, recipe).to(info.device)
+    _, val_set, _ = _datasets(args.data, recipe, train=False)
+    if args.subset:
+        val_set = torch_subset(val_set, args.subset)
+    metrics = evaluate(model, eval_loader(val_set, args.batch_size, args.workers, info), info)
+    result = dict(model=args.model, checkpoint=str(args.checkpoint), data=args.data, img_size=recipe['img_size'],
+                  crop_pct=recipe['crop_pct'], **metrics)
+    if info.is_main:
+        out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix('.eval.json')
+        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + '\n'))
+        print(f'top1 {metrics["top1"]:.2f}  top5 {metrics["top5"]:.2f}  loss {metrics["loss"]:.4f}  '
+              f'({metrics["count"]} images) -> {out}')
+    return 0
+
+
+def torch_subset(dataset, n: int):
+    from torch.utils.data import Subset
+    return Subset(dataset, range(min(n, len(dataset))))
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(args.output, epochs=args.epochs, train_subset=args.train_subset, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='vittt', description='Test-Time-Training vision backbones.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -93,6 +197,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--trust-pickle', action='store_true',
                    help='allow non-tensor Python objects in the file (only for files you trust)')
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser('train', help='train a model (ours or timm\'s) with the papers\' recipe; works under torchrun')
+    p.add_argument('--model', required=True)
+    p.add_argument('--data', required=True, help="'fashion-mnist', a folder with train/ and val/ class folders, "
+                                                 "or a timm dataset name")
+    p.add_argument('--output', required=True, help='run folder: checkpoints, metrics, curves')
+    p.add_argument('--recipe', help='recipe YAML (default: configs/<model>.yaml when it exists, else the defaults)')
+    p.add_argument('--epochs', type=int)
+    p.add_argument('--img-size', type=int)
+    p.add_argument('--batch-size', type=int, help='per process')
+    p.add_argument('--lr', type=float, help='base lr per lr_base_batch images (scaled by the global batch)')
+    p.add_argument('--workers', type=int, help='data-loading processes per training process')
+    p.add_argument('--resume', help='continue a run from its checkpoint (last.pth)')
+    p.add_argument('--device', help='cpu, cuda, cuda:1 ... (default: the local GPU if any)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('overrides', nargs='*', metavar='key=value', help='override any recipe field')
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser('eval', help='top-1/top-5/loss of a checkpoint or (converted) official weights on a dataset')
+    p.add_argument('--model', required=True)
+    p.add_argument('--checkpoint', required=True, help='training checkpoint, official .pth, or .safetensors')
+    p.add_argument('--data', required=True)
+    p.add_argument('--img-size', type=int, help='evaluation resolution (default 224)')
+    p.add_argument('--crop-pct', type=float, help='resize to img_size / crop_pct, then centre crop (default 0.875)')
+    p.add_argument('--batch-size', type=int, default=100)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--subset', type=int, help='only the first N images')
+    p.add_argument('--no-ema', action='store_true', help='use the raw weights even when EMA weights exist')
+    p.add_argument('--device')
+    p.add_argument('--output', help='metrics JSON (default: next to the checkpoint, <name>.eval.json)')
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser('demo', help='Fashion-MNIST: ViT³ vs DeiT at equal recipe and budget, with a report')
+    p.add_argument('--output', default='results/demo')
+    p.add_argument('--epochs', type=int, default=None)
+    p.add_argument('--train-subset', type=int, default=None)
+    p.add_argument('--workers', type=int, default=None)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -100,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         if getattr(args, 'debug', False):
             raise
         print(f'vittt {args.command}: error: {e}', file=sys.stderr)
