@@ -87,7 +87,8 @@ def build_model(recipe: Dict[str, Any], num_classes: int) -> torch.nn.Module:
     import timm
 
     kwargs = dict(num_classes=num_classes, drop_path_rate=recipe['drop_path'], drop_rate=recipe['drop'],
-                  in_chans=recipe['in_chans'], **(recipe.get('model_kwargs') or {}))
+                  in_chans=recipe['in_chans'])
+    kwargs.update(recipe.get('model_kwargs') or {})  # explicit model arguments win
     try:
         model = timm.create_model(recipe['model'], img_size=recipe['img_size'], **kwargs)
     except TypeError as e:  # models without an img_size argument (convnets)
@@ -161,7 +162,7 @@ class Trainer:
     """Fits ``recipe['model']`` on ``train_set``, evaluating on ``val_set`` every ``eval_every`` epochs.
 
     Writes to ``output``: ``last.pth`` (every epoch, atomically), ``best.pth`` (best top-1), ``recipe.yaml``,
-    ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch), ``curves.png``, and TensorBoard events when the
+    ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch), ``curves.png`` (at the end), and TensorBoard events when the
     ``tensorboard`` package is installed. Only rank 0 writes.
     """
 
@@ -271,11 +272,6 @@ class Trainer:
         keys = list(dict.fromkeys(k for r in self.history for k in r))
         lines = [','.join(keys)] + [','.join(str(r.get(k, '')) for k in keys) for r in self.history]
         atomic_write(self.output / 'metrics.csv', lambda tmp: Path(tmp).write_text('\n'.join(lines) + '\n'))
-        try:
-            from .plots import plot_curves
-            plot_curves(self.history, self.output / 'curves.png', title=self.recipe['model'])
-        except ImportError:
-            pass
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -367,10 +363,16 @@ class Trainer:
                 self.save('last.pth')
                 if improved:
                     self.save('best.pth')
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                print(json.dumps({k: (float(f'{v:.5g}') if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
             if self.info.world_size > 1:
                 dist.barrier()
         if self._tb:
             self._tb.close()
+        if self.info.is_main and self.history:
+            try:
+                from .plots import plot_curves
+                plot_curves(self.history, self.output / 'curves.png', title=self.recipe['model'])
+            except ImportError:  # matplotlib is optional: metrics.csv / .jsonl hold the same numbers
+                print('matplotlib is not installed: no curves.png', file=sys.stderr)
         return self.history

@@ -61,6 +61,17 @@ def _check_keys(source: str, recipe: Dict[str, Any]) -> None:
             f'{k!r}' + (f' (did you mean {" or ".join(hints[k])}?)' if hints[k] else '') for k in unknown))
 
 
+def _coerce_numbers(recipe: Dict[str, Any]) -> None:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: turn such strings into numbers for numeric keys."""
+    for key, value in recipe.items():
+        default = DEFAULTS.get(key)
+        if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            try:
+                recipe[key] = float(value)
+            except ValueError:
+                raise RecipeError(f'{key} must be a number, got {value!r}') from None
+
+
 def load_recipe(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     recipe = dict(DEFAULTS)
     if path:
@@ -78,6 +89,7 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
     if overrides:
         _check_keys('override', overrides)
         recipe.update(overrides)
+    _coerce_numbers(recipe)
     if recipe['amp'] not in _AMP:
         raise RecipeError(f"amp must be one of {_AMP}, got {recipe['amp']!r}")
     for key in ('epochs', 'batch_size', 'img_size'):
