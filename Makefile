@@ -4,7 +4,7 @@
 PYTEST_ARGS ?=
 
 help:
-	@echo "make demo   - set up (scripts/bootstrap.sh) and list the vittt models"
+	@echo "make demo   - set up (scripts/bootstrap.sh), then train ViT³ and DeiT on Fashion-MNIST and write results/demo/report.md"
 	@echo "make test   - set up and run the test suite (extra pytest args: PYTEST_ARGS=...)"
 	@echo "make clean  - remove .venv and caches"
 
@@ -12,7 +12,7 @@ bootstrap:
 	bash scripts/bootstrap.sh
 
 demo: bootstrap
-	.venv/bin/vittt models
+	.venv/bin/vittt demo --output results/demo
 
 test: bootstrap
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)

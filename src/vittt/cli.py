@@ -93,14 +93,15 @@ def _recipe_from_args(args):
 
 
 def _datasets(data: str, recipe, train: bool = True):
-    from .data import create_dataset, create_transforms, num_classes_of
+    from .data import TRANSFORM_RECIPE_KEYS, create_dataset, create_transforms, num_classes_of
 
-    eval_tf = create_transforms(recipe['img_size'], recipe['in_chans'], train=False, recipe=recipe)
+    augment = {k: recipe[k] for k in TRANSFORM_RECIPE_KEYS if k in recipe}
+    eval_tf = create_transforms(recipe['img_size'], recipe['in_chans'], train=False, recipe=augment)
     val_set = create_dataset(data, 'val', eval_tf)
     if not train:
         return None, val_set, num_classes_of(val_set)
     train_set = create_dataset(data, 'train', create_transforms(recipe['img_size'], recipe['in_chans'], train=True,
-                                                                recipe=recipe))
+                                                                recipe=augment))
     return train_set, val_set, num_classes_of(train_set)
 
 

@@ -98,3 +98,33 @@ def test_pluggable_inner_models():
     assert out.shape == (2, 20, 12)
     out.sum().backward()
     assert mixer.inner[1].w.grad is not None and mixer.inner[1].w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('make', [lambda: TTTMixer(32, num_heads=2, rope=RoPE2d(32)),
+                                  lambda: __import__('vittt').layers.VisionTTTMixer(32, 2, mini_batch_size=8)],
+                         ids=['vit3', 'vision_ttt'])
+def test_inner_update_runs_in_float32_under_autocast(make, monkeypatch):
+    """Under bf16 autocast the inner math sees float32 tensors, and the layer stays close to its fp32 output."""
+    import vittt.ops.precision as precision
+    torch.manual_seed(0)
+    mixer = make()
+    x = torch.randn(2, 48, 32)
+    reference = mixer(x, (6, 8))
+    seen = []
+    original = precision.in_float32
+
+    def spy(fn, q, *args, **kwargs):
+        out = original(lambda *a, **k: (seen.append((a[0].dtype, torch.is_autocast_enabled('cpu'))), fn(*a, **k))[1],
+                       q, *args, **kwargs)
+        return out
+
+    for module in ('vittt.layers.inner', 'vittt.layers.vision_ttt'):
+        monkeypatch.setattr(f'{module}.in_float32', spy)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = mixer(x, (6, 8))
+    assert seen and all(dtype == torch.float32 and not autocast for dtype, autocast in seen)
+    assert out.dtype == torch.bfloat16
+    rel = (out.float() - reference).norm() / reference.norm()
+    assert rel < 0.05, rel
+    bf16 = mixer.to(torch.bfloat16)(x.to(torch.bfloat16), (6, 8))  # a whole bf16 model (no autocast) also works
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()

@@ -15,6 +15,7 @@ from torch import nn
 from timm.layers import trunc_normal_
 
 from ..ops import InnerLoss, dwconv_ttt, get_inner_loss, swiglu_ttt
+from ..ops.precision import in_float32
 from .grid import GridSize, map_to_tokens, tokens_to_map
 
 __all__ = ['InnerModel', 'SwiGLUInner', 'DWConvInner', 'resolve_scale']
@@ -71,8 +72,8 @@ class SwiGLUInner(InnerModel):
     def forward(self, q, k, v, grid_size):
         b, n, _ = q.shape
         q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        out = swiglu_ttt(q, k, v, self.w1, self.w2, loss=self.loss, scale=self.scale, inner_lr=self.inner_lr,
-                         normalize=self.grad_norm)
+        out = in_float32(swiglu_ttt, q, k, v, self.w1, self.w2, loss=self.loss, scale=self.scale,
+                         inner_lr=self.inner_lr, normalize=self.grad_norm)
         return out.transpose(1, 2).reshape(b, n, self.width)
 
     def extra_repr(self) -> str:
@@ -94,7 +95,7 @@ class DWConvInner(InnerModel):
 
     def forward(self, q, k, v, grid_size):
         q, k, v = (tokens_to_map(t, grid_size) for t in (q, k, v))
-        out = dwconv_ttt(q, k, v, self.weight, loss=self.loss, scale=self.scale, inner_lr=self.inner_lr,
+        out = in_float32(dwconv_ttt, q, k, v, self.weight, loss=self.loss, scale=self.scale, inner_lr=self.inner_lr,
                          normalize=self.grad_norm)
         return map_to_tokens(out)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.minibatch import ttt_scan
+from ..ops.precision import in_float32
 from .grid import GridSize, map_to_tokens, tokens_to_map
 
 __all__ = ['TTTInnerState', 'VisionTTTMixer', 'SCAN_ORDERS', 'MERGE_RULES']
@@ -64,6 +65,10 @@ def _scan_index(order: str, grid_size: GridSize, num_prefix: int, device) -> Opt
     if order in ('reverse', 'column_reverse'):
         raster = raster.flip(0)
     return torch.cat([raster + num_prefix, torch.arange(num_prefix, device=device)])
+
+
+def _scan(q, k, v, lr, state, *, kind, **kwargs):
+    return ttt_scan(kind, q, k, v, lr, state, **kwargs)
 
 
 class VisionTTTMixer(nn.Module):
@@ -142,8 +147,8 @@ class VisionTTTMixer(nn.Module):
             index = _scan_index(order, grid_size, num_prefix, x.device)
             state = self.states[i % len(self.states)].tensors()
             args = (q, k, v, lr) if index is None else (q[:, :, index], k[:, :, index], v[:, :, index], lr[..., index])
-            out = ttt_scan(self.inner_kind, *args, state, mini_batch_size=self.mini_batch_size, causal=self.causal,
-                           eps=self.inner_eps)
+            out = in_float32(_scan, args[0], *args[1:], state, kind=self.inner_kind, mini_batch_size=self.mini_batch_size,
+                             causal=self.causal, eps=self.inner_eps)
             if index is not None:
                 out = torch.empty_like(out).index_copy_(2, index, out)  # back to [prefix, raster] order
             outs.append(out.transpose(1, 2).reshape(b, n, c))

@@ -1,0 +1,32 @@
+"""Numerically safe inner updates under mixed precision.
+
+The inner step differentiates a loss over all N tokens and normalises the gradient; in float16 / bfloat16 the
+sums over thousands of tokens and the norms lose most of their bits (and float16 can overflow). So the inner math
+always runs in float32 with autocast off, whatever the surrounding precision, and its result is returned in the
+dtype of the incoming queries (so the rest of the network keeps its memory savings).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ['in_float32']
+
+
+def _up(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.float()
+    if isinstance(x, dict):
+        return {k: _up(v) for k, v in x.items()}
+    return x
+
+
+def in_float32(fn: Callable[..., torch.Tensor], q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``fn(q, *args, **kwargs)`` with floating tensors (and dicts of them) in float32 and autocast disabled."""
+    dtype = q.dtype
+    if dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(q.device.type):
+        return fn(q, *args, **kwargs)
+    with torch.autocast(q.device.type, enabled=False):
+        out = fn(_up(q), *(_up(a) for a in args), **{k: _up(v) for k, v in kwargs.items()})
+    return out.to(dtype)
