@@ -58,7 +58,7 @@ def run_demo(output='results/demo', epochs: Optional[int] = None, train_subset: 
                               macs=count_macs(trainer.model, (recipe['in_chans'], recipe['img_size'],
                                                               recipe['img_size'])),
                               epochs=recipe['epochs'], train_seconds=seconds, top1=final['top1'],
-                              top5=final['top5'], test_loss=final['val_loss'], test_images=len(val_set))
+                              top5=final['top5'], test_loss=final['val_loss'], test_images=len(trainer.val_set))
         histories[label] = history
     plot_runs(histories, output / 'curves.png', title='Fashion-MNIST: ViT³ vs DeiT, same recipe and budget')
     atomic_write(output / 'results.json', lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + '\n'))
