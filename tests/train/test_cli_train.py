@@ -132,3 +132,25 @@ def test_torchrun_two_processes_gloo(tmp_path):
     ckpt = torch.load(tmp_path / 'two' / 'last.pth', weights_only=True)
     assert ckpt['world_size'] == 2 and ckpt['num_updates'] == 2 * (24 // 16)  # 24 images, global batch 2 × 8
     assert rows['two'][-1]['top1'] >= 0 and rows['two'][-1]['top5'] == 100.0  # 3 classes: top-5 is everything
+
+
+def test_eval_official_weights(tmp_path):
+    import timm
+    model = timm.create_model('vit3_tiny', num_classes=3)
+    official = {k.replace('attn.inner.0.w', 'attn.w').replace('attn.inner.1.weight', 'attn.w3'): v
+                for k, v in model.state_dict().items()}
+    torch.save({'model': official}, tmp_path / 'official.pth')
+    data = _folder(tmp_path / 'data', per_class=2)
+    out = tmp_path / 'metrics.json'
+    assert main(['eval', '--model', 'vit3_tiny', '--checkpoint', str(tmp_path / 'official.pth'), '--data', str(data),
+                 '--img-size', '32', '--workers', '0', '--output', str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result['count'] == 6 and result['img_size'] == 32 and {'top1', 'top5', 'loss'} <= set(result)
+    model.eval()
+    from vittt.data import create_dataset, create_transforms
+    ds = create_dataset(str(data), 'val', create_transforms(32, 3, train=False, recipe=dict(crop_pct=0.875,
+                                                                                          interpolation='bicubic')))
+    with torch.no_grad():
+        logits = torch.stack([model(ds[i][0][None])[0] for i in range(len(ds))])
+    targets = torch.tensor([ds[i][1] for i in range(len(ds))])
+    assert result['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-4)

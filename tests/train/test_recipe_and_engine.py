@@ -76,7 +76,8 @@ def test_training_steps_change_weights_and_lower_the_loss(tmp_path):
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     data = _data()
-    recipe = load_recipe(None, dict(TINY, epochs=3, mixup=0.8, cutmix=1.0, model_ema=True, drop_path=0.1, lr=0.05))
+    recipe = load_recipe(None, dict(TINY, epochs=3, mixup=0.8, cutmix=1.0, model_ema=True, mesa=1.0, mesa_start=0.5,
+                                    drop_path=0.1, lr=0.05))  # MESA from epoch 2: its teacher state must resume too
     info = init_distributed('cpu')
     full = Trainer(recipe, data, data, 4, tmp_path / 'full', info, progress=False)
     full.fit()
