@@ -1,6 +1,5 @@
 """The ``vittt`` command line: the models table and checkpoint conversion, including error exits."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest

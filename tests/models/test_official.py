@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vittt.models import CheckpointError, HViT3, ViT3, convert_official_file, convert_official_state_dict
 from vittt.models.official import detect_official_variant, unwrap_state_dict

@@ -5,7 +5,6 @@ train mode), inputs are small, and the tests that need training, several builds 
 (or otherwise cheap) variants only.
 """
 import copy
-import math
 import re
 
 import pytest

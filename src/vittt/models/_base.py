@@ -1,7 +1,7 @@
 """What the ViT³ and H-ViT³ model classes share: input checks, weight init, the classifier head API."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 import torch.utils.checkpoint
@@ -11,7 +11,7 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 
 __all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block', 'vit3_pretrained_cfg', 'create_model',
-           'quarter_depth_indices']
+           'quarter_depth_indices', 'SingleGridMixin']
 
 
 def check_images(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
@@ -134,3 +134,43 @@ def quarter_depth_indices(depth: int):
     """Default ``features_only`` taps of a plain (single-stage) model: the blocks ending each quarter of the depth,
     e.g. (2, 5, 8, 11) for 12 blocks; fewer, distinct taps when depth < 4."""
     return tuple(sorted({max(0, depth * (i + 1) // 4 - 1) for i in range(4)}))
+
+
+class SingleGridMixin:
+    """``forward_intermediates`` helpers and pruning for single-stage models: ``self.blocks`` on one token grid after
+    ``self._embed`` (``num_prefix_tokens`` class tokens first, excluded from the maps)."""
+
+    num_prefix_tokens: int = 0
+
+    def _block_intermediates(self, x: torch.Tensor, indices, norm: bool, stop_early: bool, output_fmt: str,
+                             intermediates_only: bool):
+        """Runs the blocks; returns ``(tokens after the last block run, grid, intermediates)``."""
+        from timm.models._features import feature_take_indices
+        from ..layers import tokens_to_map
+
+        if output_fmt not in ('NCHW', 'NHWC', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW', 'NHWC' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._embed(x)
+        blocks = self.blocks[:max_index + 1] if (stop_early or intermediates_only) else self.blocks
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = run_block(block, x, grid, self.grad_checkpointing)
+            if i in take_indices:
+                y = (self.norm(x) if norm else x)[:, self.num_prefix_tokens:]
+                if output_fmt == 'NCHW':
+                    y = tokens_to_map(y, grid)
+                elif output_fmt == 'NHWC':
+                    y = y.reshape(y.shape[0], grid[0], grid[1], -1)
+                intermediates.append(y)
+        return x, grid, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """Drop the blocks after the last wanted index (and optionally the norm and head)."""
+        from timm.models._features import feature_take_indices
+
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        self._prune_norm_and_head(prune_norm, prune_head)
+        return take_indices

@@ -15,11 +15,10 @@ import torch
 from torch import nn
 from timm.layers import DropPath, RmsNorm, SwiGLU
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
-from ..layers import GridSize, PatchEmbed, VisionTTTMixer, tokens_to_map
-from ._base import (ClassifierMixin, check_images, create_model, init_weights, quarter_depth_indices, run_block,
-                    vit3_pretrained_cfg)
+from ..layers import GridSize, PatchEmbed, VisionTTTMixer
+from ._base import (ClassifierMixin, SingleGridMixin, check_images, create_model, init_weights, quarter_depth_indices,
+                    run_block, vit3_pretrained_cfg)
 
 __all__ = ['VisionTTT', 'VisionTTTBlock']
 
@@ -52,7 +51,7 @@ class VisionTTTBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class VisionTTT(ClassifierMixin, nn.Module):
+class VisionTTT(ClassifierMixin, SingleGridMixin, nn.Module):
     """Vittt.
 
     Args:
@@ -127,31 +126,10 @@ class VisionTTT(ClassifierMixin, nn.Module):
                               intermediates_only: bool = False):
         """Patch tokens after the blocks at ``indices`` as ``NCHW`` / ``NHWC`` maps or ``NLC``; the final output
         (unless ``intermediates_only``) is ``forward_features``' token tensor."""
-        if output_fmt not in ('NCHW', 'NHWC', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW', 'NHWC' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, grid = self._embed(x)
-        blocks = self.blocks[:max_index + 1] if (stop_early or intermediates_only) else self.blocks
-        intermediates = []
-        for i, block in enumerate(blocks):
-            x = run_block(block, x, grid, self.grad_checkpointing)
-            if i in take_indices:
-                y = (self.norm(x) if norm else x)[:, self.num_prefix_tokens:]
-                if output_fmt == 'NCHW':
-                    y = tokens_to_map(y, grid)
-                elif output_fmt == 'NHWC':
-                    y = y.reshape(y.shape[0], grid[0], grid[1], -1)
-                intermediates.append(y)
+        x, _, intermediates = self._block_intermediates(x, indices, norm, stop_early, output_fmt, intermediates_only)
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        self._prune_norm_and_head(prune_norm, prune_head)
-        return take_indices
 
 
 def _cfg(**kwargs):

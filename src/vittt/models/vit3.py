@@ -13,16 +13,15 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from ..layers import PatchEmbed, TTTBlock, tokens_to_map
-from ._base import (ClassifierMixin, check_images, create_model, init_weights, quarter_depth_indices, run_block,
-                    vit3_pretrained_cfg)
+from ._base import (ClassifierMixin, SingleGridMixin, check_images, create_model, init_weights, quarter_depth_indices,
+                    run_block, vit3_pretrained_cfg)
 
 __all__ = ['ViT3']
 
 
-class ViT3(ClassifierMixin, nn.Module):
+class ViT3(ClassifierMixin, SingleGridMixin, nn.Module):
     """Plain ViT³.
 
     Args:
@@ -71,32 +70,11 @@ class ViT3(ClassifierMixin, nn.Module):
                               intermediates_only: bool = False):
         """Block outputs at ``indices`` (last n if int, all if None) as ``NCHW`` (or ``NHWC`` / ``NLC``) maps,
         optionally through the final norm; also returns the ``forward_features`` output unless intermediates_only."""
-        if output_fmt not in ('NCHW', 'NHWC', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW', 'NHWC' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, grid = self._embed(x)
-        blocks = self.blocks[:max_index + 1] if (stop_early or intermediates_only) else self.blocks
-        intermediates = []
-        for i, block in enumerate(blocks):
-            x = run_block(block, x, grid, self.grad_checkpointing)
-            if i in take_indices:
-                y = self.norm(x) if norm else x
-                if output_fmt == 'NCHW':
-                    y = tokens_to_map(y, grid)
-                elif output_fmt == 'NHWC':
-                    y = y.reshape(y.shape[0], grid[0], grid[1], -1)
-                intermediates.append(y)
+        x, grid, intermediates = self._block_intermediates(x, indices, norm, stop_early, output_fmt,
+                                                           intermediates_only)
         if intermediates_only:
             return intermediates
         return tokens_to_map(self.norm(x), grid), intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        """Drop the blocks after the last wanted index (and optionally the norm and head)."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        self._prune_norm_and_head(prune_norm, prune_head)
-        return take_indices
 
 
 def _cfg(**kwargs):

@@ -27,7 +27,7 @@ per-token states are never formed; the state itself is only updated once per min
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 import torch.nn.functional as F

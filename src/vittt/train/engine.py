@@ -9,7 +9,6 @@ restarts an interrupted run at the start of the epoch it was in, which reproduce
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
