@@ -154,11 +154,12 @@ def test_too_small_training_set_is_a_clear_error(tmp_path):
         Trainer(load_recipe(None, dict(TINY, epochs=1)), _data(8), None, 4, tmp_path, init_distributed('cpu'))
 
 
-def test_bf16_autocast_training_is_finite(tmp_path):
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_mixed_precision_training_is_finite(tmp_path, amp):
     data = _data(32)
     for model, kwargs in (('vit3_tiny', TINY['model_kwargs']),
                           ('vision_ttt_tiny', dict(patch_size=8, embed_dim=32, depth=1, num_heads=2,
                                                    mixer_kwargs=dict(mini_batch_size=4)))):
-        recipe = load_recipe(None, dict(TINY, model=model, model_kwargs=kwargs, epochs=2, amp='bf16'))
+        recipe = load_recipe(None, dict(TINY, model=model, model_kwargs=kwargs, epochs=2, amp=amp))
         history = Trainer(recipe, data, data, 4, tmp_path / model, init_distributed('cpu'), progress=False).fit()
         assert all(torch.isfinite(torch.tensor(r['train_loss'])) for r in history)
