@@ -163,3 +163,16 @@ def test_mixed_precision_training_is_finite(tmp_path, amp):
         recipe = load_recipe(None, dict(TINY, model=model, model_kwargs=kwargs, epochs=2, amp=amp))
         history = Trainer(recipe, data, data, 4, tmp_path / model, init_distributed('cpu'), progress=False).fit()
         assert all(torch.isfinite(torch.tensor(r['train_loss'])) for r in history)
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = _data(32)
+    history = Trainer(load_recipe(None, dict(TINY, epochs=2)), data, data, 4, tmp_path, init_distributed('cpu'),
+                      progress=False).fit()
+    events = EventAccumulator(str(tmp_path / 'tb'))
+    events.Reload()
+    assert {'train_loss', 'lr', 'top1', 'top5', 'val_loss'} <= set(events.Tags()['scalars'])
+    assert [e.value for e in events.Scalars('top1')] == pytest.approx([r['top1'] for r in history])
