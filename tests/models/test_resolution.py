@@ -12,6 +12,7 @@ import torch
 
 import vittt  # noqa: F401  (registers the models; must be imported before timm/torchvision)
 import timm  # noqa: E402
+from helpers import ceil_div, images
 
 
 TINY = ['vit3_tiny', 'hvit3_tiny']
@@ -56,13 +57,7 @@ def _release_shared():
     _SHARED.clear()
 
 
-def _images(b, h, w, seed=0, c=3):
-    torch.manual_seed(seed)
-    return torch.randn(b, c, h, w)
-
-
-def _ceil(a, b):
-    return -(-a // b)
+_images, _ceil = images, ceil_div
 
 
 def _vit3_grid(h, w):

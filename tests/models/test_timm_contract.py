@@ -17,6 +17,7 @@ from timm.models import group_parameters  # noqa: E402
 from timm.models._features import FeatureGetterNet  # noqa: E402
 
 from vittt.models import HViT3, ViT3  # noqa: E402
+from helpers import checkpointing_runs, ceil_div, images
 
 ALL = ['vit3_tiny', 'vit3_small', 'vit3_base', 'hvit3_tiny', 'hvit3_small', 'hvit3_base']
 CHEAP = ['vit3_tiny', 'vit3_small', 'hvit3_tiny']  # kept alive for the whole module
@@ -66,13 +67,7 @@ def tiny_model(request):
     return _shared(request.param)
 
 
-def _images(b, h, w, seed=0, c=3):
-    torch.manual_seed(seed)
-    return torch.randn(b, c, h, w)
-
-
-def _ceil(a, b):
-    return -(-a // b)
+_images, _ceil = images, ceil_div
 
 
 def _reduction(model):
@@ -152,24 +147,7 @@ def test_grad_checkpointing_matches(name, monkeypatch):
     x = _images(2, 64, 48, seed=2)
     target = torch.randn(2, 42)
 
-    def run():
-        m.zero_grad(set_to_none=True)
-        out = m(x)
-        (out * target).sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
-
-    ref_out, ref_grads = run()
-
-    calls = []
-    real_checkpoint = torch.utils.checkpoint.checkpoint
-
-    def counting_checkpoint(*args, **kwargs):
-        calls.append(1)
-        return real_checkpoint(*args, **kwargs)
-
-    monkeypatch.setattr(torch.utils.checkpoint, 'checkpoint', counting_checkpoint)
-    m.set_grad_checkpointing(True)
-    ck_out, ck_grads = run()
+    ref_out, ref_grads, ck_out, ck_grads, calls, run = checkpointing_runs(m, x, target, monkeypatch)
     n_blocks = sum(1 for mod in m.modules() if type(mod).__name__ == 'TTTBlock')
     assert len(calls) == n_blocks, 'every block should run under torch.utils.checkpoint'
     if isinstance(m, HViT3):

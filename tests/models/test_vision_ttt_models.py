@@ -24,6 +24,7 @@ from timm.models._features import FeatureGetterNet  # noqa: E402
 
 from vittt.layers import VisionTTTMixer  # noqa: E402
 from vittt.models import VisionTTT  # noqa: E402
+from helpers import checkpointing_runs, ceil_div, images
 
 NAMES = ['vision_ttt_tiny', 'vision_ttt_small', 'vision_ttt_base']
 WIDTHS = {'vision_ttt_tiny': (192, 3, 64), 'vision_ttt_small': (384, 6, 128), 'vision_ttt_base': (768, 12, 256)}
@@ -63,13 +64,7 @@ def tiny(request):
     return _shared(request.param)
 
 
-def _images(b, h, w, seed=0, c=3):
-    torch.manual_seed(seed)
-    return torch.randn(b, c, h, w)
-
-
-def _ceil(a, b):
-    return -(-a // b)
+_images, _ceil = images, ceil_div
 
 
 def _grid(h, w):
@@ -236,25 +231,8 @@ def test_grad_checkpointing_matches(monkeypatch):
     x = _images(2, 64, 48, seed=3)  # 4×3 = 12 tokens: mini-batches 5, 5, 2
     target = torch.randn(2, 42)
 
-    def run():
-        m.zero_grad(set_to_none=True)
-        out = m(x)
-        (out * target).sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
-
-    ref_out, ref_grads = run()
-
-    calls = []
-    real_checkpoint = torch.utils.checkpoint.checkpoint
-
-    def counting_checkpoint(*args, **kwargs):
-        calls.append(1)
-        return real_checkpoint(*args, **kwargs)
-
-    monkeypatch.setattr(torch.utils.checkpoint, 'checkpoint', counting_checkpoint)
-    m.set_grad_checkpointing(True)
+    ref_out, ref_grads, ck_out, ck_grads, calls, run = checkpointing_runs(m, x, target, monkeypatch)
     assert m.grad_checkpointing
-    ck_out, ck_grads = run()
     assert len(calls) == len(m.blocks) == 12, 'every block should run under torch.utils.checkpoint'
 
     assert torch.equal(ck_out, ref_out)
