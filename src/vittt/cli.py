@@ -92,19 +92,6 @@ def _recipe_from_args(args):
     return load_recipe(recipe_file, overrides), recipe_file
 
 
-def _datasets(data: str, recipe, train: bool = True):
-    from .data import TRANSFORM_RECIPE_KEYS, create_dataset, create_transforms, num_classes_of
-
-    augment = {k: recipe[k] for k in TRANSFORM_RECIPE_KEYS if k in recipe}
-    eval_tf = create_transforms(recipe['img_size'], recipe['in_chans'], train=False, recipe=augment)
-    val_set = create_dataset(data, 'val', eval_tf)
-    if not train:
-        return None, val_set, num_classes_of(val_set)
-    train_set = create_dataset(data, 'train', create_transforms(recipe['img_size'], recipe['in_chans'], train=True,
-                                                                recipe=augment))
-    return train_set, val_set, num_classes_of(train_set)
-
-
 def cmd_train(args) -> int:
     from .train import Trainer, init_distributed
 
@@ -113,7 +100,9 @@ def cmd_train(args) -> int:
     if info.is_main:
         print(f'vittt train: {recipe["model"]} on {args.data} -> {args.output} '
               f'(recipe {recipe_file or "defaults"}, {info.world_size} process(es), {info.device})', flush=True)
-    train_set, val_set, num_classes = _datasets(args.data, recipe)
+    from .data import build_datasets
+
+    train_set, val_set, num_classes = build_datasets(args.data, recipe)
     trainer = Trainer(recipe, train_set, val_set, num_classes, args.output, info, resume=args.resume,
                       progress=not args.no_progress)
     trainer.fit()
@@ -144,6 +133,7 @@ def _load_for_eval(model_name: str, checkpoint: str, use_ema: bool, recipe):
 
 
 def cmd_eval(args) -> int:
+    from .data import build_datasets, first_n
     from .io import atomic_write
     from .train import evaluate, init_distributed
     from .train.engine import eval_loader
@@ -154,9 +144,8 @@ def cmd_eval(args) -> int:
         recipe['crop_pct'] = args.crop_pct
     info = init_distributed(args.device)
     model = _load_for_eval(args.model, args.checkpoint, not args.no_ema, recipe).to(info.device)
-    _, val_set, _ = _datasets(args.data, recipe, train=False)
-    if args.subset:
-        val_set = torch_subset(val_set, args.subset)
+    _, val_set, _ = build_datasets(args.data, recipe, train=False)
+    val_set = first_n(val_set, args.subset)
     metrics = evaluate(model, eval_loader(val_set, args.batch_size, args.workers, info), info)
     result = dict(model=args.model, checkpoint=str(args.checkpoint), data=args.data, img_size=recipe['img_size'],
                   crop_pct=recipe['crop_pct'], **metrics)
@@ -166,11 +155,6 @@ def cmd_eval(args) -> int:
         print(f'top1 {metrics["top1"]:.2f}  top5 {metrics["top5"]:.2f}  loss {metrics["loss"]:.4f}  '
               f'({metrics["count"]} images) -> {out}')
     return 0
-
-
-def torch_subset(dataset, n: int):
-    from torch.utils.data import Subset
-    return Subset(dataset, range(min(n, len(dataset))))
 
 
 def cmd_demo(args) -> int:

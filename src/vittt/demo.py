@@ -30,7 +30,7 @@ DEMO_RECIPE = dict(epochs=2, train_subset=15000, batch_size=128, img_size=32, in
 def run_demo(output='results/demo', epochs: Optional[int] = None, train_subset: Optional[int] = None,
              workers: Optional[int] = None, data: str = 'fashion-mnist') -> Dict[str, Dict]:
     from .bench import count_macs, count_params
-    from .cli import _datasets
+    from .data import build_datasets
     from .io import atomic_write
     from .train import Trainer, init_distributed, load_recipe
     from .train.plots import plot_runs
@@ -47,7 +47,7 @@ def run_demo(output='results/demo', epochs: Optional[int] = None, train_subset: 
         if workers is not None:
             overrides['num_workers'] = workers
         recipe = load_recipe(None, overrides)
-        train_set, val_set, num_classes = _datasets(data, recipe)
+        train_set, val_set, num_classes = build_datasets(data, recipe)
         print(f'== {label} ({model_name}, {arch}) on {data}: {recipe["epochs"]} epochs', flush=True)
         start = time.perf_counter()
         trainer = Trainer(recipe, train_set, val_set, num_classes, output / model_name, info)

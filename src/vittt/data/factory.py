@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .fashion_mnist import FashionMNIST
 from .folder import ImageFolder
 
-__all__ = ['create_dataset', 'num_classes_of', 'create_transforms', 'ToMode', 'TRANSFORM_RECIPE_KEYS',
+__all__ = ['create_dataset', 'num_classes_of', 'create_transforms', 'build_datasets', 'first_n', 'ToMode',
+           'TRANSFORM_RECIPE_KEYS',
            'TIMM_DATASET_PREFIXES', 'GREY_DEFAULT_MEAN', 'GREY_DEFAULT_STD']
 
 PathLike = Union[str, os.PathLike]
@@ -246,3 +247,21 @@ def create_transforms(img_size: Union[int, Tuple[int, int]], in_chans: int, trai
     if train:
         _patch_posterize(tf)
     return transforms.Compose([ToMode('RGB' if in_chans == 3 else 'L'), *tf.transforms])
+
+
+def first_n(dataset, n: Optional[int]):
+    """The first ``n`` items of ``dataset`` (all of it when ``n`` is falsy or not smaller)."""
+    return Subset(dataset, range(n)) if n and n < len(dataset) else dataset
+
+
+def build_datasets(data: PathLike, recipe: Mapping[str, Any], train: bool = True):
+    """``(train_set or None, val_set, num_classes)`` for a training recipe: its ``img_size``, ``in_chans`` and the
+    augmentation keys in :data:`TRANSFORM_RECIPE_KEYS` (other recipe keys are ignored)."""
+    augment = {k: recipe[k] for k in TRANSFORM_RECIPE_KEYS if k in recipe}
+    eval_tf = create_transforms(recipe['img_size'], recipe['in_chans'], train=False, recipe=augment)
+    val_set = create_dataset(data, 'val', eval_tf)
+    if not train:
+        return None, val_set, num_classes_of(val_set)
+    train_tf = create_transforms(recipe['img_size'], recipe['in_chans'], train=True, recipe=augment)
+    train_set = create_dataset(data, 'train', train_tf)
+    return train_set, val_set, num_classes_of(train_set)

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
+from ..data import first_n
 from ..io import atomic_write
 from ..models.official import CheckpointError
 from .recipe import scaled_lr
@@ -105,6 +106,13 @@ def _rng_state() -> Dict[str, Any]:
                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]])
 
 
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
+    kind, keys, *rest = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
 def load_training_checkpoint(path) -> Dict[str, Any]:
     """Read a checkpoint written by :class:`Trainer` (``weights_only``), or raise CheckpointError saying why."""
     from ..models.official import load_checkpoint_file
@@ -175,10 +183,8 @@ class Trainer:
 
         self.recipe, self.info, self.output = recipe, info, Path(output)
         self.num_classes, self.progress = num_classes, progress and info.is_main
-        if recipe['train_subset']:
-            train_set = Subset(train_set, range(min(recipe['train_subset'], len(train_set))))
-        if recipe['val_subset'] and val_set is not None:
-            val_set = Subset(val_set, range(min(recipe['val_subset'], len(val_set))))
+        train_set = first_n(train_set, recipe['train_subset'])
+        val_set = first_n(val_set, recipe['val_subset']) if val_set is not None else None
         self.train_set, self.val_set = train_set, val_set
         if len(train_set) < recipe['batch_size'] * info.world_size:
             raise ValueError(f'the training set has {len(train_set)} images, fewer than one global batch '
@@ -259,7 +265,7 @@ class Trainer:
             raise CheckpointError(f'{path}: does not fit this run: {e}') from e
         self.epoch, self.num_updates = ckpt['epoch'], ckpt['num_updates']
         self.history, self.best_top1 = list(ckpt['history']), ckpt['best_top1']
-        torch.set_rng_state(ckpt['rng']['torch'])
+        _set_rng_state(ckpt['rng'])
 
     # ------------------------------------------------------------------ logging
     def _log(self, row: Dict[str, Any]) -> None:
