@@ -2,6 +2,7 @@
 from .block import TTTBlock
 from .conv import ConvDownsample, ConvNormAct, ConvStem, PatchEmbed
 from .grid import GridSize, map_to_tokens, tokens_to_map
+from .lean import DEFAULT_CHUNK_TOKENS, set_memory_lean
 from .inner import DWConvInner, InnerModel, SwiGLUInner, resolve_scale
 from .mlp import TokenMlp
 from .rope import RoPE2d, rope_2d_angles

@@ -13,6 +13,7 @@ from torch import nn
 from timm.layers import DropPath
 
 from .grid import GridSize, map_to_tokens, tokens_to_map
+from .lean import bands
 from .mlp import TokenMlp
 from .ttt import TTTMixer
 
@@ -43,9 +44,25 @@ class TTTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = TokenMlp(dim, int(dim * mlp_ratio), dwconv=mlp_dwconv, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.memory_lean, self.chunk_tokens = False, 1024  # see vittt.layers.set_memory_lean
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        if self.memory_lean and not torch.is_grad_enabled() and self.attn.supports_lean():
+            return self._forward_lean(x, grid_size)
         x = x + map_to_tokens(self.cpe(tokens_to_map(x, grid_size)))
         x = x + self.drop_path1(self.attn(self.norm1(x), grid_size))
         x = x + self.drop_path2(self.mlp(self.norm2(x), grid_size))
         return x
+
+    def _forward_lean(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        """The same function in bands of tokens (see :func:`vittt.layers.set_memory_lean`): besides the input,
+        peak memory holds two ``[B, N, C]`` tensors and one band's intermediates."""
+        y = self.cpe(tokens_to_map(x, grid_size))
+        x = map_to_tokens(y).add_(x)                 # x + CPE(x), in the conv's own output buffer
+        x += self.attn.forward_lean(x, grid_size, self.norm1, self.chunk_tokens)
+        out = torch.empty_like(x)
+        halo = 1 if self.mlp.dwc is not None else 0   # H-ViT³'s MLP convolution needs one row of context
+        for band in bands(grid_size, self.chunk_tokens, halo):
+            hidden = self.mlp(self.norm2(x[:, band.ctx_tokens]), (band.ctx_stop - band.ctx_start, grid_size[1]))
+            out[:, band.tokens] = band.center(hidden).add_(x[:, band.tokens])
+        return out

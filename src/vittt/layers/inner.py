@@ -14,9 +14,14 @@ import torch
 from torch import nn
 from timm.layers import trunc_normal_
 
-from ..ops import InnerLoss, dwconv_ttt, get_inner_loss, swiglu_ttt
+import torch.nn.functional as F
+
+from ..ops import (DotProductLoss, InnerLoss, dwconv_band_grad, dwconv_per_sample, dwconv_ttt, get_inner_loss,
+                   swiglu_inner_grads, swiglu_ttt, swiglu_ttt_fused)
+from ..ops.normalize import soft_normalize
 from ..ops.precision import in_float32
 from .grid import GridSize, map_to_tokens, tokens_to_map
+from .lean import Band
 
 __all__ = ['InnerModel', 'SwiGLUInner', 'DWConvInner', 'resolve_scale']
 
@@ -33,11 +38,19 @@ def resolve_scale(scale: Scale, head_dim: int) -> float:
 
 
 class InnerModel(nn.Module):
-    """Base class. Subclasses set ``width``, ``out_width``, ``accepts_rope`` and implement ``forward``."""
+    """Base class. Subclasses set ``width``, ``out_width``, ``accepts_rope`` and implement ``forward``.
+
+    The memory-lean inference mode (:func:`vittt.layers.set_memory_lean`) also uses ``lean_accumulate``
+    (add a band of tokens' share of the inner gradient to a running sum; ``None`` starts it), ``lean_step`` (the
+    trained state from the summed gradient) and ``lean_apply`` (the trained model on a band of queries); ``halo``
+    is how many grid rows of context around a band these need. Inner models without them run the lean mode's
+    caller on the default path.
+    """
 
     width: int
     out_width: int
     accepts_rope: bool = False
+    halo: int = 0
 
     def __init__(self, loss: Union[str, InnerLoss] = 'dot', scale: Scale = 1 / 3, inner_lr: float = 1.0,
                  grad_norm: bool = True):
@@ -69,12 +82,40 @@ class SwiGLUInner(InnerModel):
         trunc_normal_(self.w1, std=0.02)
         trunc_normal_(self.w2, std=0.02)
 
+    #: use the fused autograd function (dot-product loss only); False runs the composable reference-style path
+    fused: bool = True
+
     def forward(self, q, k, v, grid_size):
         b, n, _ = q.shape
-        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim) for t in (q, k, v))
+        if self.fused and isinstance(self.loss, DotProductLoss):
+            w12 = torch.cat([self.w1, self.w2], dim=-1)[0]
+            out = in_float32(swiglu_ttt_fused, q, k, v, w12, scale=self.scale, inner_lr=self.inner_lr,
+                             normalize=self.grad_norm)
+            return out.view(b, n, self.width)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out = in_float32(swiglu_ttt, q, k, v, self.w1, self.w2, loss=self.loss, scale=self.scale,
                          inner_lr=self.inner_lr, normalize=self.grad_norm)
         return out.transpose(1, 2).reshape(b, n, self.width)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def lean_accumulate(self, grad_sum, k, v, band: Band, num_tokens: int):
+        k, v = self._heads(band.center(k)), self._heads(band.center(v))
+        w12 = torch.cat([self.w1, self.w2], dim=-1)
+        grad = in_float32(swiglu_inner_grads, k, v, w12, self.loss, self.scale, num_tokens)
+        return grad if grad_sum is None else grad_sum + grad
+
+    def lean_step(self, grad_sum):
+        grad = soft_normalize(grad_sum, -2) if self.grad_norm else grad_sum
+        return torch.cat([self.w1, self.w2], dim=-1).float() - self.inner_lr * grad
+
+    def lean_apply(self, trained, q, band: Band):
+        q = band.center(q)
+        z1, z2 = (self._heads(q).float() @ trained).split(self.head_dim, dim=-1)
+        out = z1 * F.silu(z2)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], self.width).to(q.dtype)
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, head_dim={self.head_dim}, ' + self._extra()
@@ -98,6 +139,30 @@ class DWConvInner(InnerModel):
         out = in_float32(dwconv_ttt, q, k, v, self.weight, loss=self.loss, scale=self.scale, inner_lr=self.inner_lr,
                          normalize=self.grad_norm)
         return map_to_tokens(out)
+
+    @property
+    def halo(self) -> int:
+        return self.kernel_size // 2
+
+    def lean_accumulate(self, grad_sum, k, v, band: Band, num_tokens: int):
+        pad = self.halo
+        k_band = band.padded_map(k, pad).float()                 # [B, C, rows + 2 pad, W]
+        v = tokens_to_map(band.center(v), (band.stop - band.start, band.width)).float()
+        prediction = None
+        if self.loss.needs_prediction:
+            prediction = F.conv2d(k_band, self.weight.float(), padding=(0, pad), groups=self.channels)
+        e = self.loss.grad(prediction, v, self.scale, num_tokens)
+        grad = dwconv_band_grad(k_band, e, self.kernel_size)
+        return grad if grad_sum is None else grad_sum + grad
+
+    def lean_step(self, grad_sum):
+        grad = soft_normalize(grad_sum, (-2, -1)) if self.grad_norm else grad_sum
+        ks = self.kernel_size
+        return self.weight.float().reshape(1, self.channels, ks, ks) - self.inner_lr * grad
+
+    def lean_apply(self, trained, q, band: Band):
+        out = dwconv_per_sample(band.padded_map(q, self.halo).float(), trained, padding=(0, self.halo))
+        return map_to_tokens(out).to(q.dtype)
 
     def extra_repr(self) -> str:
         return f'channels={self.channels}, kernel_size={self.kernel_size}, ' + self._extra()

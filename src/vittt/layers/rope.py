@@ -8,7 +8,7 @@ the official checkpoints). Computed in float32; the result is returned in the in
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -55,8 +55,11 @@ class RoPE2d(nn.Module):
             self._cache[key] = out
         return out
 
-    def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid_size: GridSize, token_offset: Optional[int] = None) -> torch.Tensor:
+        """``x [B, n, dim]`` holds all the grid's tokens, or with ``token_offset`` the ``n`` tokens from there on."""
         cos, sin = self.tables(grid_size, x.device)
+        if token_offset is not None:
+            cos, sin = cos[token_offset:token_offset + x.shape[-2]], sin[token_offset:token_offset + x.shape[-2]]
         pairs = x.float().unflatten(-1, (-1, 2))
         re, im = pairs[..., 0], pairs[..., 1]
         out = torch.stack([re * cos - im * sin, im * cos + re * sin], dim=-1).flatten(-2)

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import InnerLoss
 from .grid import GridSize
 from .inner import DWConvInner, InnerModel, Scale, SwiGLUInner
+from .lean import bands
 
 __all__ = ['TTTMixer', 'vit3_inner_models']
 
@@ -54,6 +56,49 @@ class TTTMixer(nn.Module):
         self._splits = [m.width for m in self.inner for _ in range(3)]
         self.qkv = nn.Linear(dim, sum(self._splits), bias=qkv_bias)
         self.proj = nn.Linear(sum(m.out_width for m in self.inner), dim)
+
+    def supports_lean(self) -> bool:
+        return all(hasattr(m, 'lean_accumulate') for m in self.inner)
+
+    def forward_lean(self, x: torch.Tensor, grid_size: GridSize, norm: nn.Module, chunk_tokens: int) -> torch.Tensor:
+        """``forward(norm(x))`` computed in bands of about ``chunk_tokens`` tokens (inference only): one pass over the
+        bands sums each inner model's gradient (keys and values only), a second applies the trained inner models to
+        the queries and projects. Peak memory holds the output and one band's intermediates, never the full QKV."""
+        n = x.shape[1]
+        halo = max(m.halo for m in self.inner)
+        parts = self._projection_rows()
+        band_list = bands(grid_size, chunk_tokens, halo)
+        grads = [None] * len(self.inner)
+        for band in band_list:
+            xb = norm(x[:, band.ctx_tokens])
+            for i, inner in enumerate(self.inner):
+                k, v = F.linear(xb, *parts[i]['kv']).split(inner.width, dim=-1)
+                if self.rope is not None and inner.accepts_rope:
+                    k = self.rope(k, grid_size, token_offset=band.ctx_tokens.start)
+                grads[i] = inner.lean_accumulate(grads[i], k, v, band, n)
+        trained = [inner.lean_step(g) for inner, g in zip(self.inner, grads)]
+        out = x.new_empty(x.shape)
+        for band in band_list:
+            xb = norm(x[:, band.ctx_tokens])
+            outs = []
+            for i, inner in enumerate(self.inner):
+                q = F.linear(xb, *parts[i]['q'])
+                if self.rope is not None and inner.accepts_rope:
+                    q = self.rope(q, grid_size, token_offset=band.ctx_tokens.start)
+                outs.append(inner.lean_apply(trained[i], q, band))
+            out[:, band.tokens] = self.proj(torch.cat(outs, dim=-1))
+        return out
+
+    def _projection_rows(self):
+        """Per inner model, (weight, bias) views of the QKV projection rows of its q and of its k, v."""
+        weight, bias = self.qkv.weight, self.qkv.bias
+        rows, start = [], 0
+        for m in self.inner:
+            q_rows, kv_rows = slice(start, start + m.width), slice(start + m.width, start + 3 * m.width)
+            rows.append({'q': (weight[q_rows], None if bias is None else bias[q_rows]),
+                         'kv': (weight[kv_rows], None if bias is None else bias[kv_rows])})
+            start += 3 * m.width
+        return rows
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
         parts = self.qkv(x).split(self._splits, dim=-1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .inner_loss import InnerLoss
 from .normalize import soft_normalize
 
-__all__ = ['dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt']
+__all__ = ['dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt', 'dwconv_band_grad']
 
 
 def dwconv_inner_grad(k: torch.Tensor, e: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -29,12 +29,27 @@ def dwconv_inner_grad(k: torch.Tensor, e: torch.Tensor, kernel_size: int) -> tor
     return grad.reshape(b, c, kernel_size, kernel_size)
 
 
-def dwconv_per_sample(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Depth-wise convolution of each sample with its own kernel: ``x [B, C, H, W]``, ``weight [B, C, k, k]``."""
+def dwconv_band_grad(k_band: torch.Tensor, e: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The share of ``dL/dW`` of a band of grid rows: ``k_band [B, C, rows + 2p, W]`` (the band's keys with p = k//2
+    rows of context above and below, zero rows at the image border), ``e [B, C, rows, W]``. Bands add up to
+    :func:`dwconv_inner_grad` of the whole map."""
+    b, c, hp, w = k_band.shape
+    p = kernel_size // 2
+    grad = F.conv2d(k_band.reshape(1, b * c, hp, w), e.reshape(b * c, 1, e.shape[-2], w), padding=(0, p),
+                    groups=b * c)
+    return grad.reshape(b, c, kernel_size, kernel_size)
+
+
+def dwconv_per_sample(x: torch.Tensor, weight: torch.Tensor, padding=None) -> torch.Tensor:
+    """Depth-wise convolution of each sample with its own kernel: ``x [B, C, H, W]``, ``weight [B, C, k, k]``;
+    ``padding`` defaults to k//2 on every side (same size out)."""
     b, c, h, w = x.shape
     ks = weight.shape[-1]
-    out = F.conv2d(x.reshape(1, b * c, h, w), weight.reshape(b * c, 1, ks, ks), padding=ks // 2, groups=b * c)
-    return out.reshape(b, c, h, w)
+    padding = ks // 2 if padding is None else padding
+    if b == 1:  # one sample: a plain depth-wise convolution (keeps a channels-last input channels-last)
+        return F.conv2d(x, weight.reshape(c, 1, ks, ks), padding=padding, groups=c)
+    out = F.conv2d(x.reshape(1, b * c, h, w), weight.reshape(b * c, 1, ks, ks), padding=padding, groups=b * c)
+    return out.reshape(b, c, out.shape[-2], out.shape[-1])
 
 
 def dwconv_ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, *, loss: InnerLoss,

@@ -17,6 +17,8 @@ norm is unaffected because every column is normalised on its own.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -32,14 +34,17 @@ def swiglu_inner(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.T
 
 
 def swiglu_inner_grads(k: torch.Tensor, v: torch.Tensor, w12: torch.Tensor, loss: InnerLoss,
-                       scale: float) -> torch.Tensor:
-    """Closed-form ``[G1 | G2]`` (``[B, h, d, 2d]``) of the inner loss at ``w12 = [W1 | W2]``."""
+                       scale: float, num_tokens: Optional[int] = None) -> torch.Tensor:
+    """Closed-form ``[G1 | G2]`` (``[B, h, d, 2d]``) of the inner loss at ``w12 = [W1 | W2]``.
+
+    ``num_tokens`` (default: the tokens in ``k``) is the size of the whole training set; passing the full count
+    for a chunk of the tokens gives that chunk's share of the gradient, so chunk results add up to the full one."""
     d = k.shape[-1]
     z1, z2 = (k @ w12).split(d, dim=-1)
     sig = torch.sigmoid(z2)
     act = z2 * sig
     prediction = z1 * act if loss.needs_prediction else None
-    e = loss.grad(prediction, v, scale, k.shape[-2])
+    e = loss.grad(prediction, v, scale, num_tokens or k.shape[-2])
     d_act = sig * (1.0 + z2 * (1.0 - sig))
     return k.transpose(-2, -1) @ torch.cat([e * act, e * z1 * d_act], dim=-1)
 

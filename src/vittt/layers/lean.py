@@ -1,0 +1,77 @@
+"""Switching TTT models into their token-chunked, memory-lean inference mode."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['set_memory_lean', 'DEFAULT_CHUNK_TOKENS', 'Band', 'bands']
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def set_memory_lean(model: nn.Module, enabled: bool = True, chunk_tokens: Optional[int] = None) -> int:
+    """Turn the memory-lean inference mode of every block of ``model`` that has one on (or off).
+
+    In lean mode a block processes its tokens in chunks of ``chunk_tokens`` wherever the math is per token (the
+    projections, the MLP, applying the trained inner model) and accumulates the inner gradients (sums over tokens)
+    chunk by chunk, so peak activation memory no longer grows with several ``N × 4C`` tensors. The result equals the
+    default mode's. It applies to inference (no autograd graph); with gradients enabled blocks run the default path.
+
+    Returns the number of blocks switched (0 when the model has no lean mode).
+    """
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f'chunk_tokens must be a positive number of tokens, got {chunk_tokens}')
+    count = 0
+    for module in model.modules():
+        if hasattr(module, 'memory_lean'):
+            module.memory_lean = bool(enabled)
+            module.chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
+            count += 1
+    return count
+
+
+class Band:
+    """Grid rows ``[start, stop)`` of a ``(H, W)`` grid, with up to ``halo`` rows of context on each side
+    (``[ctx_start, ctx_stop)``, clipped to the grid)."""
+
+    def __init__(self, grid_size, start: int, stop: int, halo: int):
+        self.grid_size, self.start, self.stop, self.halo = grid_size, start, stop, halo
+        self.ctx_start, self.ctx_stop = max(0, start - halo), min(grid_size[0], stop + halo)
+
+    @property
+    def width(self) -> int:
+        return self.grid_size[1]
+
+    @property
+    def tokens(self) -> slice:
+        """The band's own tokens in the full sequence."""
+        return slice(self.start * self.width, self.stop * self.width)
+
+    @property
+    def ctx_tokens(self) -> slice:
+        """The band's tokens with context, in the full sequence."""
+        return slice(self.ctx_start * self.width, self.ctx_stop * self.width)
+
+    def center(self, t: torch.Tensor) -> torch.Tensor:
+        """The band's own tokens of a ``[B, ctx tokens, C]`` tensor."""
+        first = (self.start - self.ctx_start) * self.width
+        return t[:, first:first + (self.stop - self.start) * self.width]
+
+    def padded_map(self, t: torch.Tensor, pad: int) -> torch.Tensor:
+        """``[B, ctx tokens, C]`` -> ``[B, C, rows + 2 pad, W]``: the band with ``pad`` context rows each side, zero
+        rows where the context leaves the image (what a zero-padded convolution of the whole map would see)."""
+        top = pad - (self.start - self.ctx_start)
+        bottom = pad - (self.ctx_stop - self.stop)
+        m = t.reshape(t.shape[0], self.ctx_stop - self.ctx_start, self.width, -1).permute(0, 3, 1, 2)
+        first = self.start - self.ctx_start - (pad - top)
+        m = m[:, :, first:first + (self.stop - self.start) + 2 * pad - top - bottom]
+        return F.pad(m, (0, 0, top, bottom)) if top or bottom else m
+
+
+def bands(grid_size, chunk_tokens: int, halo: int = 0) -> List[Band]:
+    """Split the grid's rows into bands of about ``chunk_tokens`` tokens (at least one row each)."""
+    rows = max(1, chunk_tokens // grid_size[1])
+    return [Band(grid_size, r, min(r + rows, grid_size[0]), halo) for r in range(0, grid_size[0], rows)]

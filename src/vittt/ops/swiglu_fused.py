@@ -1,0 +1,164 @@
+"""The fast path of the simplified-SwiGLU inner step (dot-product loss): one autograd function with a hand-written
+backward, on token-major ``[B, N, h, d]`` views, no permute→contiguous copies.
+
+Same maths as :func:`vittt.ops.swiglu.swiglu_ttt` (which stays the readable path and handles any inner loss). With
+``c = -s/N`` (the dot-product loss's ``E = c V``) and per sample and head::
+
+    Z = K [W1|W2],  A = SiLU(Z2),  D = SiLU'(Z2)
+    M = [V ⊙ A | V ⊙ Z1 ⊙ D],      G = c Kᵀ M,        Ĝ = G / (||G||_col + 1)   (optional)
+    W' = W - lr Ĝ,                 Y = Q W',          O = Y1 ⊙ SiLU(Y2)
+
+Forward: the keys of all samples share W0, so ``K W`` is one batched matmul over heads on a ``[h, B·N, d]`` view of
+the token-major keys (a view, not a copy); the element-wise work runs in place in Z's buffer; ``G`` and ``Y`` are
+per-sample matmuls on views; the output is written straight into a token-major ``[B, N, h, d]`` tensor, so the
+output projection needs no transpose.
+
+Backward (the function saves only q, k, v, W, the raw G and W', and recomputes Z and Y)::
+
+    dY1 = dO ⊙ SiLU(Y2),  dY2 = (dO ⊙ Y1) ⊙ SiLU'(Y2),  dQ = dY W'ᵀ,  dW' = Qᵀ dY
+    dĜ = -lr dW',  dG = dĜ/(n+1) - G (Σ_rows G ⊙ dĜ) / (n (n+1)²)          (n = ||G||_col)
+    dM = c K dG,   dK = c M dGᵀ + dZ Wᵀ,   dW = Σ_b dW' + Kᵀ dZ
+    dV = dM1 ⊙ A + dM2 ⊙ Z1 ⊙ D,   dZ1 = dM2 ⊙ V ⊙ D,
+    dZ2 = (dM1 ⊙ V) ⊙ SiLU'(Z2) + (dM2 ⊙ V ⊙ Z1) ⊙ SiLU''(Z2),   SiLU'' = σ(1-σ)(2 + z(1-2σ))
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['swiglu_ttt_fused']
+
+_silu_grad = torch.ops.aten.silu_backward  # silu_backward(g, z) = g ⊙ SiLU'(z), one pass
+
+
+def _heads(t: torch.Tensor) -> torch.Tensor:
+    """``[B, N, h, d]`` -> ``[h, B·N, d]`` (a view whenever the token rows are evenly strided, e.g. slices of a
+    QKV projection)."""
+    b, n, h, d = t.shape
+    return t.permute(2, 0, 1, 3).reshape(h, b * n, d)
+
+
+def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[h, B·N, c]`` -> ``[h, B, N, c]`` view."""
+    h, bn, c = t.shape
+    return t.view(h, batch, bn // batch, c)
+
+
+def _column_norm(g: torch.Tensor) -> torch.Tensor:
+    # sqrt(sum of squares) over the d rows; several times faster than linalg.vector_norm on these small,
+    # strided reductions
+    return g.square().sum(dim=-2, keepdim=True).sqrt_()
+
+
+def _key_products(kh: torch.Tensor, vh: torch.Tensor, w12: torch.Tensor) -> torch.Tensor:
+    """``[M2 | M1]`` in one ``[h, B·N, 2d]`` buffer (Z's, computed in place)."""
+    d = kh.shape[-1]
+    z = torch.bmm(kh, w12)
+    z1, z2 = z[..., :d], z[..., d:]
+    torch.mul(z1, vh, out=z1)                      # V ⊙ Z1
+    _silu_grad.grad_input(z1, z2, grad_input=z1)   # M2 = V ⊙ Z1 ⊙ SiLU'(Z2)
+    F.silu(z2, inplace=True)
+    z2.mul_(vh)                                    # M1 = V ⊙ SiLU(Z2)
+    return z
+
+
+class _SwiGLUTTT(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, w12, c: float, inner_lr: float, normalize: bool):
+        b, n, h, d = q.shape
+        kh, vh, qh = _heads(k), _heads(v), _heads(q)
+        m = _per_sample(_key_products(kh, vh, w12), b)
+        k4, q4 = _per_sample(kh, b), _per_sample(qh, b)
+        g = q.new_empty(b, h, d, 2 * d)
+        for i in range(b):
+            torch.bmm(k4[:, i].transpose(1, 2), m[:, i], out=g[i])
+        del m
+        g = torch.cat([g[..., d:], g[..., :d]], dim=-1).mul_(c)  # buffer order was [M2 | M1]
+        step = g / (_column_norm(g) + 1.0) if normalize else g
+        w_new = w12 - inner_lr * step
+        out = q.new_empty(b, n, h, d)
+        for i in range(b):
+            y = torch.bmm(q4[:, i], w_new[i])
+            y1, y2 = y[..., :d], y[..., d:]
+            torch.mul(y1, F.silu(y2, inplace=True), out=out[i].transpose(0, 1))
+        ctx.save_for_backward(q, k, v, w12, g, w_new)
+        ctx.c, ctx.inner_lr, ctx.normalize = c, inner_lr, normalize
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, w12, g, w_new = ctx.saved_tensors
+        c, lr = ctx.c, ctx.inner_lr
+        b, n, h, d = q.shape
+        kh, vh, qh = _heads(k), _heads(v), _heads(q)
+        k4, q4 = _per_sample(kh, b), _per_sample(qh, b)
+
+        # query side, per sample: O = Y1 ⊙ SiLU(Y2), Y = Q W'
+        grad_q = q.new_empty(h, b, n, d)
+        grad_w_new = q.new_empty(b, h, d, 2 * d)
+        for i in range(b):
+            y = torch.bmm(q4[:, i], w_new[i])
+            y1, y2 = y[..., :d], y[..., d:]
+            go = grad_out[i].transpose(0, 1)
+            dy = torch.empty_like(y)
+            torch.mul(go, F.silu(y2), out=dy[..., :d])
+            _silu_grad.grad_input(go * y1, y2, grad_input=dy[..., d:])
+            torch.bmm(dy, w_new[i].transpose(1, 2), out=grad_q[:, i])
+            torch.bmm(q4[:, i].transpose(1, 2), dy, out=grad_w_new[i])
+
+        # through the step and the soft normalisation (tiny [B, h, d, 2d] tensors)
+        grad_step = grad_w_new * -lr
+        if ctx.normalize:
+            norm = _column_norm(g)
+            inner = (g * grad_step).sum(dim=-2, keepdim=True)
+            radial = torch.where(norm > 0, inner / (norm * (norm + 1.0) ** 2), torch.zeros_like(norm))
+            grad_g = grad_step / (norm + 1.0) - g * radial
+        else:
+            grad_g = grad_step
+        grad_g = grad_g * c
+        grad_w12 = grad_w_new.sum(0)
+
+        # key side: G = c Kᵀ M, M from Z = K W
+        z = torch.bmm(kh, w12)
+        z1, z2 = z[..., :d], z[..., d:]
+        sig = torch.sigmoid(z2)
+        act = z2 * sig
+        d_act = _silu_grad(sig.new_ones(()).expand_as(z2), z2)   # SiLU'(Z2)
+        m = torch.cat([vh * act, vh * z1 * d_act], dim=-1)
+        m4 = _per_sample(m, b)
+        grad_m = q.new_empty(h, b, n, 2 * d)
+        grad_k = q.new_empty(h, b, n, d)
+        for i in range(b):
+            torch.bmm(k4[:, i], grad_g[i], out=grad_m[:, i])
+            torch.bmm(m4[:, i], grad_g[i].transpose(1, 2), out=grad_k[:, i])
+        del m, m4
+        grad_m = grad_m.view(h, b * n, 2 * d)
+        gm1, gm2 = grad_m[..., :d], grad_m[..., d:]
+        gm2_v = gm2 * vh
+        grad_v = torch.addcmul(gm1 * act, gm2 * z1, d_act)
+        grad_z = torch.empty_like(z)
+        torch.mul(gm2_v, d_act, out=grad_z[..., :d])
+        d2_act = sig * (1 - sig) * (2 + z2 * (1 - 2 * sig))   # SiLU''(Z2)
+        torch.addcmul(_silu_grad(gm1 * vh, z2), gm2_v * z1, d2_act, out=grad_z[..., d:])
+        grad_k = grad_k.view(h, b * n, d).baddbmm_(grad_z, w12.transpose(1, 2))
+        grad_w12 = grad_w12 + torch.bmm(kh.transpose(1, 2), grad_z)
+
+        def tokens(t):  # [h, B·N, d] -> [B, N, h, d] view
+            return t.view(h, b, n, d).permute(1, 2, 0, 3)
+
+        return (tokens(grad_q.view(h, b * n, d)), tokens(grad_k), tokens(grad_v), grad_w12, None, None, None)
+
+
+def swiglu_ttt_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w12: torch.Tensor, *, scale: float,
+                     inner_lr: float = 1.0, normalize: bool = True) -> torch.Tensor:
+    """Dot-product-loss SwiGLU inner step. ``q, k, v [B, N, h, d]`` (any strides, e.g. views of a QKV projection),
+    ``w12 = [W1 | W2]`` ``[h, d, 2d]``; returns ``[B, N, h, d]`` (contiguous)."""
+    if q.shape != k.shape or q.shape != v.shape or q.ndim != 4:
+        raise ValueError(f'q, k, v must share one [B, N, h, d] shape, got {tuple(q.shape)}, {tuple(k.shape)}, '
+                         f'{tuple(v.shape)}')
+    h, d = q.shape[2:]
+    if w12.shape != (h, d, 2 * d):
+        raise ValueError(f'w12 must be [h, d, 2d] = {(h, d, 2 * d)}, got {tuple(w12.shape)}')
+    c = -float(scale) / q.shape[1]
+    return _SwiGLUTTT.apply(q, k, v, w12, c, float(inner_lr), bool(normalize))
