@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..ops import (DotProductLoss, InnerLoss, dwconv_band_grad, dwconv_per_sample, dwconv_ttt, get_inner_loss,
                    swiglu_inner_grads, swiglu_ttt, swiglu_ttt_fused)
 from ..ops.normalize import soft_normalize
-from ..ops.precision import in_float32
+from ..ops.precision import in_float32, upcast
 from .grid import GridSize, map_to_tokens, tokens_to_map
 from .lean import Band
 
@@ -109,11 +109,11 @@ class SwiGLUInner(InnerModel):
 
     def lean_step(self, grad_sum):
         grad = soft_normalize(grad_sum, -2) if self.grad_norm else grad_sum
-        return torch.cat([self.w1, self.w2], dim=-1).float() - self.inner_lr * grad
+        return upcast(torch.cat([self.w1, self.w2], dim=-1)) - self.inner_lr * grad
 
     def lean_apply(self, trained, q, band: Band):
         q = band.center(q)
-        z1, z2 = (self._heads(q).float() @ trained).split(self.head_dim, dim=-1)
+        z1, z2 = (upcast(self._heads(q)) @ trained).split(self.head_dim, dim=-1)
         out = z1 * F.silu(z2)
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], self.width).to(q.dtype)
 
@@ -146,11 +146,11 @@ class DWConvInner(InnerModel):
 
     def lean_accumulate(self, grad_sum, k, v, band: Band, num_tokens: int):
         pad = self.halo
-        k_band = band.padded_map(k, pad).float()                 # [B, C, rows + 2 pad, W]
-        v = tokens_to_map(band.center(v), (band.stop - band.start, band.width)).float()
+        k_band = upcast(band.padded_map(k, pad))                 # [B, C, rows + 2 pad, W]
+        v = upcast(tokens_to_map(band.center(v), (band.stop - band.start, band.width)))
         prediction = None
         if self.loss.needs_prediction:
-            prediction = F.conv2d(k_band, self.weight.float(), padding=(0, pad), groups=self.channels)
+            prediction = F.conv2d(k_band, upcast(self.weight), padding=(0, pad), groups=self.channels)
         e = self.loss.grad(prediction, v, self.scale, num_tokens)
         grad = dwconv_band_grad(k_band, e, self.kernel_size)
         return grad if grad_sum is None else grad_sum + grad
@@ -158,10 +158,10 @@ class DWConvInner(InnerModel):
     def lean_step(self, grad_sum):
         grad = soft_normalize(grad_sum, (-2, -1)) if self.grad_norm else grad_sum
         ks = self.kernel_size
-        return self.weight.float().reshape(1, self.channels, ks, ks) - self.inner_lr * grad
+        return upcast(self.weight).reshape(1, self.channels, ks, ks) - self.inner_lr * grad
 
     def lean_apply(self, trained, q, band: Band):
-        out = dwconv_per_sample(band.padded_map(q, self.halo).float(), trained, padding=(0, self.halo))
+        out = dwconv_per_sample(upcast(band.padded_map(q, self.halo)), trained, padding=(0, self.halo))
         return map_to_tokens(out).to(q.dtype)
 
     def extra_repr(self) -> str:

@@ -11,14 +11,15 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ['in_float32']
+__all__ = ['in_float32', 'upcast']
 
 
-def _up(x: Any) -> Any:
+def upcast(x: Any) -> Any:
+    """float16 / bfloat16 tensors (also inside dicts) -> float32; float32, float64 and non-tensors unchanged."""
     if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64:
         return x.float()
     if isinstance(x, dict):
-        return {k: _up(v) for k, v in x.items()}
+        return {k: upcast(v) for k, v in x.items()}
     return x
 
 
@@ -28,5 +29,5 @@ def in_float32(fn: Callable[..., torch.Tensor], q: torch.Tensor, *args, **kwargs
     if dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(q.device.type):
         return fn(q, *args, **kwargs)
     with torch.autocast(q.device.type, enabled=False):
-        out = fn(_up(q), *(_up(a) for a in args), **{k: _up(v) for k, v in kwargs.items()})
+        out = fn(upcast(q), *(upcast(a) for a in args), **{k: upcast(v) for k, v in kwargs.items()})
     return out.to(dtype)

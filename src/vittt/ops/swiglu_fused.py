@@ -31,6 +31,22 @@ __all__ = ['swiglu_ttt_fused']
 _silu_grad = torch.ops.aten.silu_backward  # silu_backward(g, z) = g ⊙ SiLU'(z), one pass
 
 
+def _into(out: torch.Tensor, fn, *args) -> None:
+    """``fn(*args, out=out)``; under torch.compile (whose tracer rejects non-contiguous ``out=``) the same as an
+    in-place copy, which the compiler fuses away."""
+    if torch.compiler.is_compiling():
+        out.copy_(fn(*args))
+    else:
+        fn(*args, out=out)
+
+
+def _silu_grad_into(out: torch.Tensor, grad: torch.Tensor, z: torch.Tensor) -> None:
+    if torch.compiler.is_compiling():
+        out.copy_(_silu_grad(grad, z))
+    else:
+        _silu_grad.grad_input(grad, z, grad_input=out)
+
+
 def _heads(t: torch.Tensor) -> torch.Tensor:
     """``[B, N, h, d]`` -> ``[h, B·N, d]`` (a view whenever the token rows are evenly strided, e.g. slices of a
     QKV projection)."""
@@ -55,8 +71,8 @@ def _key_products(kh: torch.Tensor, vh: torch.Tensor, w12: torch.Tensor) -> torc
     d = kh.shape[-1]
     z = torch.bmm(kh, w12)
     z1, z2 = z[..., :d], z[..., d:]
-    torch.mul(z1, vh, out=z1)                      # V ⊙ Z1
-    _silu_grad.grad_input(z1, z2, grad_input=z1)   # M2 = V ⊙ Z1 ⊙ SiLU'(Z2)
+    z1.mul_(vh)                                    # V ⊙ Z1
+    _silu_grad_into(z1, z1, z2)                    # M2 = V ⊙ Z1 ⊙ SiLU'(Z2)
     F.silu(z2, inplace=True)
     z2.mul_(vh)                                    # M1 = V ⊙ SiLU(Z2)
     return z
@@ -72,7 +88,7 @@ class _SwiGLUTTT(torch.autograd.Function):
         k4, q4 = _per_sample(kh, b), _per_sample(qh, b)
         g = q.new_empty(b, h, d, 2 * d)
         for i in range(b):
-            torch.bmm(k4[:, i].transpose(1, 2), m[:, i], out=g[i])
+            _into(g[i], torch.bmm, k4[:, i].transpose(1, 2), m[:, i])
         del m
         g = torch.cat([g[..., d:], g[..., :d]], dim=-1).mul_(c)  # buffer order was [M2 | M1]
         step = g / (_column_norm(g) + 1.0) if normalize else g
@@ -81,7 +97,7 @@ class _SwiGLUTTT(torch.autograd.Function):
         for i in range(b):
             y = torch.bmm(q4[:, i], w_new[i])
             y1, y2 = y[..., :d], y[..., d:]
-            torch.mul(y1, F.silu(y2, inplace=True), out=out[i].transpose(0, 1))
+            _into(out[i].transpose(0, 1), torch.mul, y1, F.silu(y2, inplace=True))
         ctx.save_for_backward(q, k, v, w12, g, w_new)
         ctx.c, ctx.inner_lr, ctx.normalize = c, inner_lr, normalize
         return out
@@ -102,10 +118,10 @@ class _SwiGLUTTT(torch.autograd.Function):
             y1, y2 = y[..., :d], y[..., d:]
             go = grad_out[i].transpose(0, 1)
             dy = torch.empty_like(y)
-            torch.mul(go, F.silu(y2), out=dy[..., :d])
-            _silu_grad.grad_input(go * y1, y2, grad_input=dy[..., d:])
-            torch.bmm(dy, w_new[i].transpose(1, 2), out=grad_q[:, i])
-            torch.bmm(q4[:, i].transpose(1, 2), dy, out=grad_w_new[i])
+            _into(dy[..., :d], torch.mul, go, F.silu(y2))
+            _silu_grad_into(dy[..., d:], go * y1, y2)
+            _into(grad_q[:, i], torch.bmm, dy, w_new[i].transpose(1, 2))
+            _into(grad_w_new[i], torch.bmm, q4[:, i].transpose(1, 2), dy)
 
         # through the step and the soft normalisation (tiny [B, h, d, 2d] tensors)
         grad_step = grad_w_new * -lr
@@ -130,17 +146,17 @@ class _SwiGLUTTT(torch.autograd.Function):
         grad_m = q.new_empty(h, b, n, 2 * d)
         grad_k = q.new_empty(h, b, n, d)
         for i in range(b):
-            torch.bmm(k4[:, i], grad_g[i], out=grad_m[:, i])
-            torch.bmm(m4[:, i], grad_g[i].transpose(1, 2), out=grad_k[:, i])
+            _into(grad_m[:, i], torch.bmm, k4[:, i], grad_g[i])
+            _into(grad_k[:, i], torch.bmm, m4[:, i], grad_g[i].transpose(1, 2))
         del m, m4
         grad_m = grad_m.view(h, b * n, 2 * d)
         gm1, gm2 = grad_m[..., :d], grad_m[..., d:]
         gm2_v = gm2 * vh
         grad_v = torch.addcmul(gm1 * act, gm2 * z1, d_act)
         grad_z = torch.empty_like(z)
-        torch.mul(gm2_v, d_act, out=grad_z[..., :d])
+        _into(grad_z[..., :d], torch.mul, gm2_v, d_act)
         d2_act = sig * (1 - sig) * (2 + z2 * (1 - 2 * sig))   # SiLU''(Z2)
-        torch.addcmul(_silu_grad(gm1 * vh, z2), gm2_v * z1, d2_act, out=grad_z[..., d:])
+        _into(grad_z[..., d:], torch.addcmul, _silu_grad(gm1 * vh, z2), gm2_v * z1, d2_act)
         grad_k = grad_k.view(h, b * n, d).baddbmm_(grad_z, w12.transpose(1, 2))
         grad_w12 = grad_w12 + torch.bmm(kh.transpose(1, 2), grad_z)
 
