@@ -23,7 +23,7 @@ def _set_fused(model, fused):
 def _run(model, x, target, call=None):
     """Forward (through ``call``, default the model itself) and backward; the output and the model's gradients."""
     model.zero_grad(set_to_none=True)
-    out = (call or model)(x)
+    out = (model if call is None else call)(x)
     (out * target).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
