@@ -66,6 +66,14 @@ def minibatch_coefficients(size: int, causal: bool, device=None, dtype=None) -> 
     return torch.full((size, size), 1.0 / size, device=device, dtype=dtype)
 
 
+def _step_coefficients(eta: torch.Tensor, size: int, causal: bool) -> torch.Tensor:
+    """``A = c ⊙ η_j`` for one mini-batch (``eta [B, h, b]``). Without the causal rule every row is the same,
+    ``η_j / b``, so A stays a broadcast row ``[B, h, 1, b]`` (no b × b matrix, and ``A @ G`` is one row)."""
+    if causal:
+        return minibatch_coefficients(size, True, eta.device, eta.dtype) * eta.unsqueeze(-2)
+    return (eta / size).unsqueeze(-2)
+
+
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield start, min(start + size, n)
@@ -81,7 +89,7 @@ def ttt_linear_scan(q, k, v, lr, state: Dict[str, torch.Tensor], *, mini_batch_s
         xq, xk, xv, eta = q[..., start:end, :], k[..., start:end, :], v[..., start:end, :], lr[..., start:end]
         size = end - start
         grad = ln_l2_grad(xk @ w + b, xv - xk, ln_w, ln_b, eps)                     # dℓ_j/dZ_j
-        coef = minibatch_coefficients(size, causal, q.device, q.dtype) * eta.unsqueeze(-2)   # A [B, h, b, b]
+        coef = _step_coefficients(eta, size, causal)                                # A [B, h, b, b]
         z_q = xq @ w + b - (coef * (xq @ xk.transpose(-2, -1))) @ grad - coef @ grad
         outs.append(xq + layer_norm(z_q, ln_w, ln_b, eps))
         last = (eta / size).unsqueeze(-1)                                            # A's last row, as a column
@@ -104,7 +112,7 @@ def ttt_mlp_scan(q, k, v, lr, state: Dict[str, torch.Tensor], *, mini_batch_size
         x2 = F.gelu(z1)
         grad2 = ln_l2_grad(x2 @ w2 + b2, xv - xk, ln_w, ln_b, eps)
         grad1 = (grad2 @ w2.transpose(-2, -1)) * gelu_grad(z1)
-        coef = minibatch_coefficients(size, causal, q.device, q.dtype) * eta.unsqueeze(-2)
+        coef = _step_coefficients(eta, size, causal)
         zq1 = xq @ w1 + b1 - (coef * (xq @ xk.transpose(-2, -1))) @ grad1 - coef @ grad1
         xq2 = F.gelu(zq1)
         zq2 = xq2 @ w2 + b2 - (coef * (xq2 @ x2.transpose(-2, -1))) @ grad2 - coef @ grad2
