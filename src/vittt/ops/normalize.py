@@ -14,5 +14,10 @@ __all__ = ['soft_normalize']
 
 
 def soft_normalize(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch.Tensor:
-    """``grad / (||grad||_2 over dims + 1)``, norms kept for broadcasting."""
-    return grad / (torch.linalg.vector_norm(grad, dim=dims, keepdim=True) + 1.0)
+    """``grad / (||grad||_2 over dims + 1)``, norms kept for broadcasting.
+
+    The norm is ``sqrt(max(Σ g², tiny))``: on these small strided reductions several times faster than
+    ``linalg.vector_norm``, and with the same gradient at g = 0 (the clamp's, zero, where a bare sqrt would give
+    0 · ∞ = NaN); the clamp changes the value only when ``||g|| < 1e-15``, where ``g / (||g|| + 1) = g`` anyway."""
+    sum_sq = grad.square().sum(dim=dims, keepdim=True)
+    return grad / (sum_sq.clamp_min(1e-30).sqrt() + 1.0)
