@@ -163,6 +163,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import BenchSettings, render_markdown, run_bench, write_outputs
+
+    settings = BenchSettings(
+        models=args.models, sizes=args.sizes, modes=args.mode, dtypes=args.dtype, batch_size=args.batch_size,
+        threads=args.threads, repeats=args.repeats, warmup=args.warmup, attn=args.attn, lean=args.lean,
+        baseline=args.baseline, device=args.device, memory=not args.no_memory, timing=not args.no_time)
+    result = run_bench(settings, command=args.command_line)
+    paths = write_outputs(result, args.output)
+    print(render_markdown(result))
+    print(f'wrote {", ".join(str(p) for p in paths.values())}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='vittt', description='Test-Time-Training vision backbones.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -214,6 +228,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', help='metrics JSON (default: next to the checkpoint, <name>.eval.json)')
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser('bench', help='latency, throughput and peak memory vs resolution, against a baseline',
+                       description='Benchmark models (timm names, optionally name:key=value,...) at several '
+                                   'resolutions: interleaved timing, peak memory per step in fresh processes, MACs, '
+                                   'speed-up and memory ratio vs a baseline, crossover resolution. Writes bench.json, '
+                                   'bench.md and bench.png.')
+    p.add_argument('--models', nargs='+', default=['vit3_tiny', 'deit_tiny_patch16_224'], metavar='SPEC',
+                   help="timm model names, optionally with kwargs: 'vit3_tiny:depth=2,embed_dim=64'")
+    p.add_argument('--sizes', nargs='+', type=parse_size, default=[(224, 224), (448, 448), (640, 640)],
+                   metavar='HxW')
+    p.add_argument('--mode', nargs='+', choices=['infer', 'train'], default=['infer'],
+                   help='infer: forward under inference_mode; train: forward, cross-entropy, backward')
+    p.add_argument('--dtype', nargs='+', choices=['fp32', 'bf16'], default=['fp32'],
+                   help='bf16: bfloat16 weights for infer, autocast over fp32 weights for train')
+    p.add_argument('--batch-size', type=int, default=1)
+    p.add_argument('--threads', type=int, help="torch threads (default: torch's default)")
+    p.add_argument('--repeats', type=int, default=7, help='timed rounds (every variant once per round)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed calls per variant first')
+    p.add_argument('--attn', nargs='+', choices=['fused', 'math'], default=['fused'],
+                   help='for models with timm attention: fused (scaled_dot_product_attention) and/or math '
+                        '(explicit softmax(QK^T)V, a <spec>+math variant)')
+    p.add_argument('--lean', action='store_true',
+                   help='add a <spec>+lean variant (memory-lean inference) for models that have that mode')
+    p.add_argument('--baseline', metavar='LABEL',
+                   help='variant to compare against (default: the first deit* variant, else the first)')
+    p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:N)')
+    p.add_argument('--no-memory', action='store_true', help='skip peak-memory measurement')
+    p.add_argument('--no-time', action='store_true', help='skip timing (memory only)')
+    p.add_argument('--output', default='results/bench', help='folder for bench.json, bench.md, bench.png')
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser('demo', help='Fashion-MNIST: ViT³ vs DeiT at equal recipe and budget, with a report')
     p.add_argument('--output', default='results/demo')
     p.add_argument('--epochs', type=int, default=None)
@@ -225,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = list(sys.argv) if argv is None else ['vittt', *argv]
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:

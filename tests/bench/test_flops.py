@@ -51,11 +51,12 @@ def test_count_macs_restores_training_mode_and_leaves_no_fake_tensors():
 @pytest.mark.parametrize('mini_batch_size,scans', [(16, ('forward', 'reverse')), (32, ('forward',))])
 def test_macs_formula_of_one_vision_ttt_block(mini_batch_size, scans):
     """Per token: 4C² (qk, v, gate, proj) + Ch (lr) + 18C (two 3×3 dw convs) + 3CH (SwiGLU)
-    + per scan 3dC (key forward, query forward, state update) + 3bC (dual form), when b divides N.
+    + per scan 3dC (key forward, query forward, state update) + 2bC + C (dual form: Q Kᵀ and (A ⊙ Q Kᵀ) G per token,
+    the broadcast row A G once per mini-batch), when b divides N.
     This is what the 1280² calibration table in docs/vision_ttt.md scales up."""
     model = timm.create_model('vision_ttt_tiny', depth=1, num_classes=0,
                               mixer_kwargs=dict(mini_batch_size=mini_batch_size, scans=scans))
     c, h, n = 192, 3, 64
     d, hidden = c // h, int(c * 8 / 3)
-    per_token = 4 * c * c + c * h + 18 * c + 3 * c * hidden + len(scans) * (3 * d * c + 3 * mini_batch_size * c)
+    per_token = 4 * c * c + c * h + 18 * c + 3 * c * hidden + len(scans) * (3 * d * c + 2 * mini_batch_size * c + c)
     assert count_macs(model, (3, 128, 128)) == n * per_token + n * 16 * 16 * 3 * c

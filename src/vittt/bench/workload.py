@@ -1,0 +1,122 @@
+"""One benchmarked step: a variant built at a resolution, its inputs, and the callable that runs it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .spec import ModelSpec, Variant, parse_model_spec
+
+__all__ = ['MODES', 'DTYPES', 'Workload', 'create_model', 'build_model', 'make_step', 'synchronize']
+
+MODES = ('infer', 'train')
+DTYPES = ('fp32', 'bf16')
+SEED = 0
+
+
+@dataclass
+class Workload:
+    """A variant at one resolution, mode ('infer' / 'train') and dtype ('fp32' / 'bf16') on one device."""
+    variant: Variant
+    size: Tuple[int, int]
+    mode: str
+    dtype: str
+    batch_size: int = 1
+    device: str = 'cpu'
+
+    def to_config(self, threads: int) -> Dict[str, Any]:
+        """The JSON-able description the memory worker rebuilds the workload from."""
+        return dict(label=self.variant.label, spec=self.variant.spec.text, attn=self.variant.attn,
+                    lean=self.variant.lean, size=list(self.size), mode=self.mode, dtype=self.dtype,
+                    batch_size=self.batch_size, device=self.device, threads=threads)
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> 'Workload':
+        spec = parse_model_spec(config['spec'])
+        variant = Variant(config.get('label', spec.text), spec, attn=config.get('attn'), lean=config.get('lean', False))
+        return cls(variant, tuple(config['size']), config['mode'], config['dtype'], config.get('batch_size', 1),
+                   config.get('device', 'cpu'))
+
+
+def create_model(spec: ModelSpec, size: Sequence[int]) -> nn.Module:
+    """``timm.create_model`` under a fixed seed, passing ``img_size=(h, w)`` when the constructor takes it (timm ViTs
+    are built for one resolution; vittt models take it as a nominal size and run at any)."""
+    import timm
+
+    kwargs = dict(spec.kwargs)
+    if 'img_size' not in kwargs:
+        torch.manual_seed(SEED)
+        try:
+            return timm.create_model(spec.name, img_size=tuple(size), **kwargs)
+        except TypeError as e:
+            if 'img_size' not in str(e):
+                raise ValueError(f'{spec.text}: {e}') from None
+    torch.manual_seed(SEED)
+    try:
+        return timm.create_model(spec.name, **kwargs)
+    except TypeError as e:
+        raise ValueError(f'{spec.text}: {e}') from None
+
+
+def build_model(workload: Workload) -> nn.Module:
+    """The variant's model at the workload's resolution, in eval (infer) or train mode, on its device and dtype:
+    bf16 inference converts the weights, bf16 training keeps fp32 weights and runs under autocast."""
+    from ..layers import set_memory_lean
+
+    model = create_model(workload.variant.spec, workload.size)
+    if workload.variant.attn is not None:
+        for module in model.modules():
+            if isinstance(getattr(module, 'fused_attn', None), bool):
+                module.fused_attn = workload.variant.attn == 'fused'
+    if workload.variant.lean:
+        set_memory_lean(model, True)
+    model.train(workload.mode == 'train')
+    dtype = torch.bfloat16 if workload.dtype == 'bf16' and workload.mode == 'infer' else torch.float32
+    return model.to(device=workload.device, dtype=dtype)
+
+
+def _loss(output: Any, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Cross-entropy on logits; a mean square for anything else (feature outputs, when num_classes=0)."""
+    if isinstance(output, (tuple, list)):  # e.g. distilled DeiT in train mode: (logits, distillation logits)
+        return sum(_loss(o, labels, num_classes) for o in output)
+    if output.ndim == 2 and output.shape[1] == num_classes > 0:
+        return F.cross_entropy(output.float(), labels)
+    return output.float().square().mean()
+
+
+def make_step(model: nn.Module, workload: Workload) -> Callable[[], None]:
+    """Inputs on the workload's device and a callable running one step: a forward under inference_mode (infer),
+    or grads set to None, forward, cross-entropy on random labels and backward (train; no optimizer step)."""
+    h, w = workload.size
+    device, batch = torch.device(workload.device), workload.batch_size
+    generator = torch.Generator().manual_seed(SEED)
+    infer_dtype = torch.bfloat16 if workload.dtype == 'bf16' else torch.float32
+    x = torch.randn(batch, 3, h, w, generator=generator)
+    if workload.mode == 'infer':
+        x = x.to(device=device, dtype=infer_dtype)
+
+        def infer() -> None:
+            with torch.inference_mode():
+                model(x)
+        return infer
+
+    num_classes = int(getattr(model, 'num_classes', 0) or 0)
+    labels = torch.randint(0, max(num_classes, 1), (batch,), generator=generator).to(device)
+    x = x.to(device)
+    autocast = workload.dtype == 'bf16'
+
+    def train() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            output = model(x)
+        _loss(output, labels, num_classes).backward()
+    return train
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work (a no-op on CPU)."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
