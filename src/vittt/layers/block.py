@@ -47,21 +47,25 @@ class TTTBlock(nn.Module):
         self.memory_lean, self.chunk_tokens = False, 1024  # see vittt.layers.set_memory_lean
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        if self.memory_lean and not torch.is_grad_enabled() and self.attn.supports_lean():
-            return self._forward_lean(x, grid_size)
-        x = x + map_to_tokens(self.cpe(tokens_to_map(x, grid_size)))
-        x = x + self.drop_path1(self.attn(self.norm1(x), grid_size))
-        x = x + self.drop_path2(self.mlp(self.norm2(x), grid_size))
-        return x
+        # Each residual sum is formed in place in the branch's freshly made output (never in ``x``, which the
+        # caller may keep): one large allocation less per branch. The producers (convolution, Linear, DropPath)
+        # do not keep their outputs for backward, so this is autograd-safe.
+        x = map_to_tokens(self.cpe(tokens_to_map(x, grid_size))).add_(x)
+        if not torch.is_grad_enabled():
+            if self.memory_lean and self.attn.supports_lean():
+                x += self.attn.forward_lean(x, grid_size, self.norm1, self.chunk_tokens)
+            else:
+                x = self.attn(self.norm1(x), grid_size).add_(x)
+            return self._mlp_in_bands(x, grid_size)
+        x = self.drop_path1(self.attn(self.norm1(x), grid_size)).add_(x)
+        return self.drop_path2(self.mlp(self.norm2(x), grid_size)).add_(x)
 
-    def _forward_lean(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        """The same function in bands of tokens (see :func:`vittt.layers.set_memory_lean`): besides the input,
-        peak memory holds two ``[B, N, C]`` tensors and one band's intermediates."""
-        y = self.cpe(tokens_to_map(x, grid_size))
-        x = map_to_tokens(y).add_(x)                 # x + CPE(x), in the conv's own output buffer
-        x += self.attn.forward_lean(x, grid_size, self.norm1, self.chunk_tokens)
+    def _mlp_in_bands(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        """``x + MLP(norm2(x))`` without autograd, in bands of about ``chunk_tokens`` tokens: the MLP is per token
+        (H-ViT³'s convolution needs one row of context), so the 4C-wide hidden activations exist for one band at a
+        time; also faster on CPU (the band's hidden activations stay in cache, no page faults for N × 4C buffers)."""
         out = torch.empty_like(x)
-        halo = 1 if self.mlp.dwc is not None else 0   # H-ViT³'s MLP convolution needs one row of context
+        halo = 1 if self.mlp.dwc is not None else 0
         for band in bands(grid_size, self.chunk_tokens, halo):
             hidden = self.mlp(self.norm2(x[:, band.ctx_tokens]), (band.ctx_stop - band.ctx_start, grid_size[1]))
             out[:, band.tokens] = band.center(hidden).add_(x[:, band.tokens])
