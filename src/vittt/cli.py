@@ -169,7 +169,8 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(
         models=args.models, sizes=args.sizes, modes=args.mode, dtypes=args.dtype, batch_size=args.batch_size,
         threads=args.threads, repeats=args.repeats, warmup=args.warmup, attn=args.attn, lean=args.lean,
-        baseline=args.baseline, device=args.device, memory=not args.no_memory, timing=not args.no_time)
+        baseline=args.baseline, device=args.device, memory=not args.no_memory, timing=not args.no_time,
+        train_sizes=args.train_sizes, train_batch_size=args.train_batch_size)
     result = run_bench(settings, command=args.command_line)
     paths = write_outputs(result, args.output)
     print(render_markdown(result))
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--dtype', nargs='+', choices=['fp32', 'bf16'], default=['fp32'],
                    help='bf16: bfloat16 weights for infer, autocast over fp32 weights for train')
     p.add_argument('--batch-size', type=int, default=1)
+    p.add_argument('--train-sizes', nargs='+', type=parse_size, metavar='HxW',
+                   help='sizes of the train mode (default: --sizes)')
+    p.add_argument('--train-batch-size', type=int, help='batch of the train mode (default: --batch-size)')
     p.add_argument('--threads', type=int, help="torch threads (default: torch's default)")
     p.add_argument('--repeats', type=int, default=7, help='timed rounds (every variant once per round)')
     p.add_argument('--warmup', type=int, default=2, help='untimed calls per variant first')

@@ -165,7 +165,10 @@ def render_markdown(result: Dict[str, Any]) -> str:
     baseline = settings['baseline']
     lines = ['# vittt bench', '',
              f'{machine["device_name"]} ({machine["device"]}), {settings["threads"]} thread(s); torch '
-             f'{machine["torch"]}, timm {machine["timm"]}; batch {settings["batch_size"]}, '
+             f'{machine["torch"]}, timm {machine["timm"]}; batch {settings["batch_size"]}'
+             + (f' (train: {settings["train_batch_size"]})' if 'train' in settings['modes']
+                and settings.get('train_batch_size', settings['batch_size']) != settings['batch_size'] else '')
+             + ', '
              f'{settings["repeats"]} round(s) after {settings["warmup"]} warm-up call(s); baseline `{baseline}`'
              + _load_text(machine) + '.', '']
     for dtype, mm in result['matmul'].items():

@@ -49,6 +49,15 @@ class BenchSettings:
     device: str = 'cpu'
     memory: bool = True
     timing: bool = True
+    train_sizes: Optional[List[Tuple[int, int]]] = None   # train mode's sizes (default: sizes)
+    train_batch_size: Optional[int] = None                # train mode's batch (default: batch_size)
+
+    def sizes_for(self, mode: str) -> List[Tuple[int, int]]:
+        chosen = self.train_sizes if mode == 'train' and self.train_sizes else self.sizes
+        return sorted(dict.fromkeys(tuple(s) for s in chosen), key=lambda s: (s[0] * s[1], s))
+
+    def batch_for(self, mode: str) -> int:
+        return self.train_batch_size if mode == 'train' and self.train_batch_size else self.batch_size
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot run (before any model is built)."""
@@ -59,6 +68,7 @@ class BenchSettings:
         if not self.models or not self.sizes:
             raise ValueError('give at least one model and one size')
         for name, value, least in (('batch-size', self.batch_size, 1), ('repeats', self.repeats, 1),
+                                   ('train-batch-size', self.train_batch_size or 1, 1),
                                    ('warmup', self.warmup, 0),
                                    ('threads', 1 if self.threads is None else self.threads, 1)):
             if value < least:
@@ -262,13 +272,15 @@ def _measure_point(workloads: Sequence[Workload], settings: BenchSettings, threa
         label = workload.variant.label
         entry: Dict[str, Any] = dict(variant=label, mode=workload.mode, dtype=workload.dtype,
                                      size=list(workload.size), tokens=tokens(workload.size),
-                                     macs=macs[label, workload.size], time=None, memory=None)
+                                     batch_size=workload.batch_size, time=None, memory=None,
+                                     macs=None if macs[label, workload.size] is None
+                                     else macs[label, workload.size] * workload.batch_size)
         if label in errors:
             entry['error'] = errors[label]
             entries.append(entry)
             continue
         if timings.get(label):
-            entry['time'] = _timing_entry(timings[label], settings.batch_size)
+            entry['time'] = _timing_entry(timings[label], workload.batch_size)
             if workload.mode == 'infer' and entry['macs'] and matmul:
                 rate = entry['macs'] / (entry['time']['median_ms'] / 1e3) / 1e9
                 entry['time'].update(gmacs_per_s=rate, fraction_of_matmul=rate / matmul['gmacs_per_s'])
@@ -317,7 +329,9 @@ def run_bench(settings: BenchSettings, log: Log = _stderr, command: Optional[Seq
             f'cores); timings will be noisy')
     variants, params = build_variants(settings, log)
     baseline = resolve_baseline(variants, settings.baseline)
-    sizes = sorted(dict.fromkeys(tuple(s) for s in settings.sizes), key=lambda s: (s[0] * s[1], s))
+    sizes = settings.sizes_for('infer')
+    all_sizes = sorted(set(sizes) | {s for mode in settings.modes for s in settings.sizes_for(mode)},
+                       key=lambda s: (s[0] * s[1], s))
     log(f'[bench] {len(variants)} variant(s): {", ".join(v.label for v in variants)}; baseline {baseline}; '
         f'sizes {", ".join(f"{h}x{w}" for h, w in sizes)}; {threads} thread(s) on {settings.device}')
 
@@ -328,10 +342,10 @@ def run_bench(settings: BenchSettings, log: Log = _stderr, command: Optional[Seq
             log(f'[bench] matmul {dtype} {matmul[dtype]["n"]}³: {matmul[dtype]["gmacs_per_s"]:.1f} GMAC/s')
 
     macs: Dict[Tuple[str, Tuple[int, int]], Optional[int]] = {}
-    for size in sizes:
+    for size in all_sizes:
         for variant in variants:
-            try:
-                macs[variant.label, size] = _count_macs(variant, size, settings.batch_size)
+            try:  # per image; an entry's MACs are this times its batch
+                macs[variant.label, size] = _count_macs(variant, size, 1)
             except Exception as e:  # counting is shape-only; a failure here is reported, not fatal
                 macs[variant.label, size] = None
                 log(f'[bench] MACs of {variant.label} at {size[0]}x{size[1]} not counted: {type(e).__name__}: {e}')
@@ -340,8 +354,8 @@ def run_bench(settings: BenchSettings, log: Log = _stderr, command: Optional[Seq
     for mode in settings.modes:
         mode_variants = [v for v in variants if mode == 'infer' or not v.lean]  # lean is an inference mode
         for dtype in settings.dtypes:
-            for size in sizes:
-                workloads = [Workload(v, size, mode, dtype, settings.batch_size, settings.device)
+            for size in settings.sizes_for(mode):
+                workloads = [Workload(v, size, mode, dtype, settings.batch_for(mode), settings.device)
                              for v in mode_variants]
                 measurements += _measure_point(workloads, settings, threads, macs, matmul.get(dtype), log)
     ratios = compute_ratios(measurements, baseline)
@@ -349,7 +363,9 @@ def run_bench(settings: BenchSettings, log: Log = _stderr, command: Optional[Seq
         schema=SCHEMA,
         command=list(command) if command is not None else list(sys.argv),
         machine=dict(machine_info(settings.device), load_average_start=load_start, load_average_end=load_average()),
-        settings=dict(asdict(settings), sizes=[list(s) for s in sizes], threads=threads, baseline=baseline),
+        settings=dict(asdict(settings), sizes=[list(s) for s in sizes], threads=threads, baseline=baseline,
+                      train_sizes=[list(s) for s in settings.sizes_for('train')],
+                      train_batch_size=settings.batch_for('train')),
         variants=[dict(label=v.label, spec=v.spec.text, model=v.spec.name, kwargs=v.spec.kwargs, attn=v.attn,
                        lean=v.lean, params=params[v.label]) for v in variants],
         matmul=matmul,
