@@ -65,7 +65,8 @@ def plot_bench(result: Dict[str, Any], path: str) -> None:
 
     baseline = result['settings']['baseline']
     labels = [v['label'] for v in result['variants']]
-    colors = {label: colormaps['tab10'](i % 10) for i, label in enumerate(labels)}
+    palette = colormaps['tab10' if len(labels) <= 10 else 'tab20']  # distinct colours up to 20 variants
+    colors = {label: palette(i % palette.N) for i, label in enumerate(labels)}
     combos = list(dict.fromkeys((m['mode'], m['dtype']) for m in result['measurements']))
     measured, ratios = result['measurements'], result['ratios']
     columns = [kind for kind, present in (

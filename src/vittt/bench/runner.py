@@ -301,7 +301,8 @@ def _notes(settings: BenchSettings) -> List[str]:
     notes = [
         'MACs: one forward pass (matmuls and convolutions, torch FlopCounterMode on shape-only tensors). The fused '
         'attention kernel is counted by formula (QKᵀ + AV), so a +math variant reports the same MACs as its fused '
-        'one; a +lean variant reports its model\'s MACs (the bands recompute a few context rows, not charged). A train step (forward + backward) costs about 3× the forward MACs; rates are reported for infer only.',
+        'one; a +lean variant reports its model\'s MACs (the bands recompute a few context rows, not charged). '
+        'A train step (forward + backward) costs about 3× the forward MACs; rates are reported for infer only.',
         'tokens: the 16×16-patch grid of the input, a model-independent resolution scale.',
         'Timing: median of interleaved rounds (every variant once per round), time.perf_counter around one call'
         + (', CUDA-synchronised' if cuda else '') + '.',
