@@ -13,7 +13,7 @@ from torch import nn
 from timm.layers import DropPath
 
 from .grid import GridSize, map_to_tokens, tokens_to_map
-from .lean import bands
+from .lean import DEFAULT_CHUNK_TOKENS, bands
 from .mlp import TokenMlp
 from .ttt import TTTMixer
 
@@ -44,7 +44,7 @@ class TTTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = TokenMlp(dim, int(dim * mlp_ratio), dwconv=mlp_dwconv, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.memory_lean, self.chunk_tokens = False, 1024  # see vittt.layers.set_memory_lean
+        self.memory_lean, self.chunk_tokens = False, DEFAULT_CHUNK_TOKENS  # see vittt.layers.set_memory_lean
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
         # Each residual sum is formed in place in the branch's freshly made output (never in ``x``, which the

@@ -12,11 +12,10 @@ from typing import Union
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-import torch.nn.functional as F
-
-from ..ops import (DotProductLoss, InnerLoss, dwconv_band_grad, dwconv_per_sample, dwconv_ttt, get_inner_loss,
+from ..ops import (DotProductLoss, InnerLoss, dwconv_inner_grad, dwconv_per_sample, dwconv_ttt, get_inner_loss,
                    swiglu_inner_grads, swiglu_ttt, swiglu_ttt_fused)
 from ..ops.normalize import soft_normalize
 from ..ops.precision import in_float32, upcast
@@ -89,7 +88,7 @@ class SwiGLUInner(InnerModel):
         b, n, _ = q.shape
         q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim) for t in (q, k, v))
         if self.fused and isinstance(self.loss, DotProductLoss):
-            w12 = torch.cat([self.w1, self.w2], dim=-1)[0]
+            w12 = self._w12()[0]
             out = in_float32(swiglu_ttt_fused, q, k, v, w12, scale=self.scale, inner_lr=self.inner_lr,
                              normalize=self.grad_norm)
             return out.view(b, n, self.width)
@@ -98,18 +97,21 @@ class SwiGLUInner(InnerModel):
                          inner_lr=self.inner_lr, normalize=self.grad_norm)
         return out.transpose(1, 2).reshape(b, n, self.width)
 
+    def _w12(self) -> torch.Tensor:
+        """``[W1 | W2]``, ``[1, h, d, 2d]``."""
+        return torch.cat([self.w1, self.w2], dim=-1)
+
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def lean_accumulate(self, grad_sum, k, v, band: Band, num_tokens: int):
         k, v = self._heads(band.center(k)), self._heads(band.center(v))
-        w12 = torch.cat([self.w1, self.w2], dim=-1)
-        grad = in_float32(swiglu_inner_grads, k, v, w12, self.loss, self.scale, num_tokens)
+        grad = in_float32(swiglu_inner_grads, k, v, self._w12(), self.loss, self.scale, num_tokens)
         return grad if grad_sum is None else grad_sum + grad
 
     def lean_step(self, grad_sum):
         grad = soft_normalize(grad_sum, -2) if self.grad_norm else grad_sum
-        return upcast(torch.cat([self.w1, self.w2], dim=-1)) - self.inner_lr * grad
+        return upcast(self._w12()) - self.inner_lr * grad
 
     def lean_apply(self, trained, q, band: Band):
         q = band.center(q)
@@ -152,7 +154,7 @@ class DWConvInner(InnerModel):
         if self.loss.needs_prediction:
             prediction = F.conv2d(k_band, upcast(self.weight), padding=(0, pad), groups=self.channels)
         e = self.loss.grad(prediction, v, self.scale, num_tokens)
-        grad = dwconv_band_grad(k_band, e, self.kernel_size)
+        grad = dwconv_inner_grad(k_band, e, self.kernel_size, padding=(0, pad))
         return grad if grad_sum is None else grad_sum + grad
 
     def lean_step(self, grad_sum):

@@ -19,23 +19,18 @@ import torch.nn.functional as F
 from .inner_loss import InnerLoss
 from .normalize import soft_normalize
 
-__all__ = ['dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt', 'dwconv_band_grad']
+__all__ = ['dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt']
 
 
-def dwconv_inner_grad(k: torch.Tensor, e: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """``dL/dW`` per sample: ``[B, C, kernel_size, kernel_size]`` from keys ``k`` and ``e = dL/dV_hat``."""
-    b, c, h, w = k.shape
-    grad = F.conv2d(k.reshape(1, b * c, h, w), e.reshape(b * c, 1, h, w), padding=kernel_size // 2, groups=b * c)
-    return grad.reshape(b, c, kernel_size, kernel_size)
+def dwconv_inner_grad(k: torch.Tensor, e: torch.Tensor, kernel_size: int, padding=None) -> torch.Tensor:
+    """``dL/dW`` per sample: ``[B, C, kernel_size, kernel_size]`` from keys ``k`` and ``e = dL/dV_hat``.
 
-
-def dwconv_band_grad(k_band: torch.Tensor, e: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """The share of ``dL/dW`` of a band of grid rows: ``k_band [B, C, rows + 2p, W]`` (the band's keys with p = k//2
-    rows of context above and below, zero rows at the image border), ``e [B, C, rows, W]``. Bands add up to
-    :func:`dwconv_inner_grad` of the whole map."""
-    b, c, hp, w = k_band.shape
-    p = kernel_size // 2
-    grad = F.conv2d(k_band.reshape(1, b * c, hp, w), e.reshape(b * c, 1, e.shape[-2], w), padding=(0, p),
+    ``padding`` defaults to k//2 on every side (the whole map). A band of grid rows passes its keys with p = k//2
+    context rows above and below (zero rows at the image border) and ``padding=(0, p)``: its share of the gradient,
+    and the bands' shares add up to the whole map's."""
+    b, c, hk, w = k.shape
+    padding = kernel_size // 2 if padding is None else padding
+    grad = F.conv2d(k.reshape(1, b * c, hk, w), e.reshape(b * c, 1, e.shape[-2], e.shape[-1]), padding=padding,
                     groups=b * c)
     return grad.reshape(b, c, kernel_size, kernel_size)
 

@@ -10,7 +10,7 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ['soft_normalize']
+__all__ = ['soft_normalize', 'l2_norm']
 
 
 def soft_normalize(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch.Tensor:
@@ -19,5 +19,9 @@ def soft_normalize(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch
     The norm is ``sqrt(max(Σ g², tiny))``: on these small strided reductions several times faster than
     ``linalg.vector_norm``, and with the same gradient at g = 0 (the clamp's, zero, where a bare sqrt would give
     0 · ∞ = NaN); the clamp changes the value only when ``||g|| < 1e-15``, where ``g / (||g|| + 1) = g`` anyway."""
-    sum_sq = grad.square().sum(dim=dims, keepdim=True)
-    return grad / (sum_sq.clamp_min(1e-30).sqrt() + 1.0)
+    return grad / (l2_norm(grad, dims) + 1.0)
+
+
+def l2_norm(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch.Tensor:
+    """``sqrt(max(Σ g² over dims, 1e-30))``, dims kept (the norm :func:`soft_normalize` divides by)."""
+    return grad.square().sum(dim=dims, keepdim=True).clamp_min(1e-30).sqrt()

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .normalize import l2_norm, soft_normalize
+
 __all__ = ['swiglu_ttt_fused']
 
 _silu_grad = torch.ops.aten.silu_backward  # silu_backward(g, z) = g ⊙ SiLU'(z), one pass
@@ -60,12 +62,6 @@ def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.view(h, batch, bn // batch, c)
 
 
-def _column_norm(g: torch.Tensor) -> torch.Tensor:
-    # sqrt(sum of squares) over the d rows; several times faster than linalg.vector_norm on these small,
-    # strided reductions
-    return g.square().sum(dim=-2, keepdim=True).sqrt_()
-
-
 def _key_products(kh: torch.Tensor, vh: torch.Tensor, w12: torch.Tensor) -> torch.Tensor:
     """``[M2 | M1]`` in one ``[h, B·N, 2d]`` buffer (Z's, computed in place)."""
     d = kh.shape[-1]
@@ -91,7 +87,7 @@ class _SwiGLUTTT(torch.autograd.Function):
             _into(g[i], torch.bmm, k4[:, i].transpose(1, 2), m[:, i])
         del m
         g = torch.cat([g[..., d:], g[..., :d]], dim=-1).mul_(c)  # buffer order was [M2 | M1]
-        step = g / (_column_norm(g) + 1.0) if normalize else g
+        step = soft_normalize(g, -2) if normalize else g
         w_new = w12 - inner_lr * step
         out = q.new_empty(b, n, h, d)
         for i in range(b):
@@ -126,9 +122,9 @@ class _SwiGLUTTT(torch.autograd.Function):
         # through the step and the soft normalisation (tiny [B, h, d, 2d] tensors)
         grad_step = grad_w_new * -lr
         if ctx.normalize:
-            norm = _column_norm(g)
+            norm = l2_norm(g, -2)   # clamped away from 0: at G = 0 the radial term is 0 / tiny = 0
             inner = (g * grad_step).sum(dim=-2, keepdim=True)
-            radial = torch.where(norm > 0, inner / (norm * (norm + 1.0) ** 2), torch.zeros_like(norm))
+            radial = inner / (norm * (norm + 1.0) ** 2)
             grad_g = grad_step / (norm + 1.0) - g * radial
         else:
             grad_g = grad_step
