@@ -20,7 +20,7 @@ def _qkv_views(batch, tokens, heads, head_dim, dtype, seed):
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize('normalize', [True, False], ids=['norm', 'no-norm'])
-@pytest.mark.parametrize('shape', [(1, 7, 2, 4), (3, 13, 3, 8), (2, 1, 1, 5), (2, 49, 6, 16)])
+@pytest.mark.parametrize('shape', [(1, 7, 2, 4), (3, 13, 3, 8), (2, 1, 1, 5), (2, 49, 6, 16), (5, 9, 2, 4)])
 def test_fused_equals_reference(shape, normalize, dtype):
     b, n, h, d = shape
     qkv, (q, k, v), w1, w2 = _qkv_views(b, n, h, d, dtype, seed=n)

@@ -6,13 +6,18 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops import gelu_linear
 from .grid import GridSize, map_to_tokens, tokens_to_map
 
 __all__ = ['TokenMlp']
 
 
 class TokenMlp(nn.Module):
-    """``fc2(act(fc1(x)))``; with ``dwconv=True``: ``a = act(fc1(x)); fc2(act(a + DWConv3x3(a)))`` on the grid."""
+    """``fc2(act(fc1(x)))``; with ``dwconv=True``: ``a = act(fc1(x)); fc2(act(a + DWConv3x3(a)))`` on the grid.
+
+    With autograd on, GELU and dropout off, the last ``act -> fc2`` runs as :func:`vittt.ops.gelu_linear`, which
+    keeps the pre-activation alone for backward (one ``N × hidden`` tensor per block less, same values and
+    gradients)."""
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: Optional[int] = None, dwconv: bool = False,
                  act_layer=nn.GELU, drop: float = 0.0):
@@ -25,7 +30,14 @@ class TokenMlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        x = self.drop1(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        dropout_before_fc2 = self.dwc is None and self.training and self.drop1.p > 0
         if self.dwc is not None:
-            x = self.act(x + map_to_tokens(self.dwc(tokens_to_map(x, grid_size))))
-        return self.drop2(self.fc2(x))
+            a = self.drop1(self.act(h))
+            h = a + map_to_tokens(self.dwc(tokens_to_map(a, grid_size)))
+        if torch.is_grad_enabled() and type(self.act) is nn.GELU and not dropout_before_fc2:
+            out = gelu_linear(h, self.fc2.weight, self.fc2.bias, self.act.approximate)
+        else:
+            a = self.act(h)
+            out = self.fc2(a if self.dwc is not None else self.drop1(a))
+        return self.drop2(out)

@@ -1,4 +1,5 @@
 """The inner-learning math of TTT layers: pure functions on tensors, no module state."""
+from .gelu_linear import gelu_linear
 from .dwconv import dwconv_inner_grad, dwconv_per_sample, dwconv_ttt
 from .inner_loss import INNER_LOSSES, DotProductLoss, InnerLoss, MSELoss, get_inner_loss
 from .normalize import soft_normalize

@@ -10,16 +10,17 @@ Same maths as :func:`vittt.ops.swiglu.swiglu_ttt` (which stays the readable path
 
 Forward: the keys of all samples share W0, so ``K W`` is one batched matmul over heads on a ``[h, B·N, d]`` view of
 the token-major keys (a view, not a copy); the element-wise work runs in place in Z's buffer; ``G`` and ``Y`` are
-per-sample matmuls on views; the output is written straight into a token-major ``[B, N, h, d]`` tensor, so the
-output projection needs no transpose.
+per-sample-and-head matmuls, batched over the samples (one call per head) or over the heads (one call per sample),
+whichever needs fewer calls, on views; the output is written straight into a token-major ``[B, N, h, d]`` tensor, so
+the output projection needs no transpose.
 
-Backward (the function saves only q, k, v, W, the raw G and W', and recomputes Z and Y)::
+Backward (the function saves only q, k, v, W and the raw G, and recomputes Z, W' and Y)::
 
     dY1 = dO ⊙ SiLU(Y2),  dY2 = (dO ⊙ Y1) ⊙ SiLU'(Y2),  dQ = dY W'ᵀ,  dW' = Qᵀ dY
     dĜ = -lr dW',  dG = dĜ/(n+1) - G (Σ_rows G ⊙ dĜ) / (n (n+1)²)          (n = ||G||_col)
     dM = c K dG,   dK = c M dGᵀ + dZ Wᵀ,   dW = Σ_b dW' + Kᵀ dZ
     dV = dM1 ⊙ A + dM2 ⊙ Z1 ⊙ D,   dZ1 = dM2 ⊙ V ⊙ D,
-    dZ2 = (dM1 ⊙ V) ⊙ SiLU'(Z2) + (dM2 ⊙ V ⊙ Z1) ⊙ SiLU''(Z2),   SiLU'' = σ(1-σ)(2 + z(1-2σ))
+    dZ2 = V ⊙ (dM1 ⊙ SiLU'(Z2) + dM2 ⊙ Z1 ⊙ SiLU''(Z2)),   SiLU'' = σ(1-σ)(2 + z(1-2σ))
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .normalize import l2_norm, soft_normalize
 __all__ = ['swiglu_ttt_fused']
 
 _silu_grad = torch.ops.aten.silu_backward  # silu_backward(g, z) = g ⊙ SiLU'(z), one pass
+_sigmoid_grad = torch.ops.aten.sigmoid_backward  # sigmoid_backward(g, σ) = g ⊙ σ(1-σ), one pass
 
 
 def _into(out: torch.Tensor, fn, *args) -> None:
@@ -56,10 +58,32 @@ def _heads(t: torch.Tensor) -> torch.Tensor:
     return t.permute(2, 0, 1, 3).reshape(h, b * n, d)
 
 
-def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """``[h, B·N, c]`` -> ``[h, B, N, c]`` view."""
-    h, bn, c = t.shape
-    return t.view(h, batch, bn // batch, c)
+class _Slices:
+    """The per-sample-and-head matmuls run as a few batched matmuls over 3-D views: one per head (batched over the
+    samples) when there are more samples than heads (training batches), else one per sample (batched over the
+    heads; inference at batch 1). Either way no operand is copied: the views index the tensors' own strides.
+
+    Layouts: token-major ``[B, N, h, c]`` (q, k, v, the output), per-sample matrices ``[B, h, r, c]`` (G, W'),
+    head-major buffers ``[h, B, N, c]`` (Z, M and the backward's token gradients)."""
+
+    def __init__(self, batch: int, heads: int):
+        self.over_heads = heads < batch
+        self.count = heads if self.over_heads else batch
+
+    def tok(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        return t[:, :, i] if self.over_heads else t[i].transpose(0, 1)
+
+    def mat(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        return t[:, i] if self.over_heads else t[i]
+
+    def head_major(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        return t[i] if self.over_heads else t[:, i]
+
+    def new_mats(self, like: torch.Tensor, b: int, h: int, r: int, c: int) -> torch.Tensor:
+        """An empty ``[B, h, r, c]`` tensor whose slices are contiguous matrices (written with ``out=``)."""
+        if self.over_heads:
+            return like.new_empty(h, b, r, c).transpose(0, 1)
+        return like.new_empty(b, h, r, c)
 
 
 def _key_products(kh: torch.Tensor, vh: torch.Tensor, w12: torch.Tensor) -> torch.Tensor:
@@ -79,45 +103,46 @@ class _SwiGLUTTT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, w12, c: float, inner_lr: float, normalize: bool):
         b, n, h, d = q.shape
-        kh, vh, qh = _heads(k), _heads(v), _heads(q)
-        m = _per_sample(_key_products(kh, vh, w12), b)
-        k4, q4 = _per_sample(kh, b), _per_sample(qh, b)
-        g = q.new_empty(b, h, d, 2 * d)
-        for i in range(b):
-            _into(g[i], torch.bmm, k4[:, i].transpose(1, 2), m[:, i])
+        s = _Slices(b, h)
+        m = _key_products(_heads(k), _heads(v), w12).view(h, b, n, 2 * d)
+        g = s.new_mats(q, b, h, d, 2 * d)
+        for i in range(s.count):
+            _into(s.mat(g, i), torch.bmm, s.tok(k, i).transpose(1, 2), s.head_major(m, i))
         del m
         g = torch.cat([g[..., d:], g[..., :d]], dim=-1).mul_(c)  # buffer order was [M2 | M1]
         step = soft_normalize(g, -2) if normalize else g
         w_new = w12 - inner_lr * step
         out = q.new_empty(b, n, h, d)
-        for i in range(b):
-            y = torch.bmm(q4[:, i], w_new[i])
+        for i in range(s.count):
+            y = torch.bmm(s.tok(q, i), s.mat(w_new, i))
             y1, y2 = y[..., :d], y[..., d:]
-            _into(out[i].transpose(0, 1), torch.mul, y1, F.silu(y2, inplace=True))
-        ctx.save_for_backward(q, k, v, w12, g, w_new)
+            _into(s.tok(out, i), torch.mul, y1, F.silu(y2, inplace=True))
+        ctx.save_for_backward(q, k, v, w12, g)  # W' (as large as G) is recomputed from G
         ctx.c, ctx.inner_lr, ctx.normalize = c, inner_lr, normalize
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, w12, g, w_new = ctx.saved_tensors
+        q, k, v, w12, g = ctx.saved_tensors
         c, lr = ctx.c, ctx.inner_lr
+        w_new = w12 - lr * (soft_normalize(g, -2) if ctx.normalize else g)
         b, n, h, d = q.shape
-        kh, vh, qh = _heads(k), _heads(v), _heads(q)
-        k4, q4 = _per_sample(kh, b), _per_sample(qh, b)
+        s = _Slices(b, h)
+        kh, vh = _heads(k), _heads(v)
 
-        # query side, per sample: O = Y1 ⊙ SiLU(Y2), Y = Q W'
+        # query side: O = Y1 ⊙ SiLU(Y2), Y = Q W'
         grad_q = q.new_empty(h, b, n, d)
-        grad_w_new = q.new_empty(b, h, d, 2 * d)
-        for i in range(b):
-            y = torch.bmm(q4[:, i], w_new[i])
+        grad_w_new = s.new_mats(q, b, h, d, 2 * d)
+        for i in range(s.count):
+            q_i, w_i = s.tok(q, i), s.mat(w_new, i)
+            y = torch.bmm(q_i, w_i)
             y1, y2 = y[..., :d], y[..., d:]
-            go = grad_out[i].transpose(0, 1)
+            go = s.tok(grad_out, i)
             dy = torch.empty_like(y)
             _into(dy[..., :d], torch.mul, go, F.silu(y2))
             _silu_grad_into(dy[..., d:], go * y1, y2)
-            _into(grad_q[:, i], torch.bmm, dy, w_new[i].transpose(1, 2))
-            _into(grad_w_new[i], torch.bmm, q4[:, i].transpose(1, 2), dy)
+            _into(s.head_major(grad_q, i), torch.bmm, dy, w_i.transpose(1, 2))
+            _into(s.mat(grad_w_new, i), torch.bmm, q_i.transpose(1, 2), dy)
 
         # through the step and the soft normalisation (tiny [B, h, d, 2d] tensors)
         grad_step = grad_w_new * -lr
@@ -135,24 +160,32 @@ class _SwiGLUTTT(torch.autograd.Function):
         z = torch.bmm(kh, w12)
         z1, z2 = z[..., :d], z[..., d:]
         sig = torch.sigmoid(z2)
-        act = z2 * sig
+        act = z2 * sig                                            # SiLU(Z2)
         d_act = _silu_grad(sig.new_ones(()).expand_as(z2), z2)   # SiLU'(Z2)
-        m = torch.cat([vh * act, vh * z1 * d_act], dim=-1)
-        m4 = _per_sample(m, b)
+        m = q.new_empty(h, b * n, 2 * d)
+        _into(m[..., :d], torch.mul, vh, act)
+        _into(m[..., d:], torch.mul, vh, z1)
+        m[..., d:].mul_(d_act)
+        m = m.view(h, b, n, 2 * d)
         grad_m = q.new_empty(h, b, n, 2 * d)
         grad_k = q.new_empty(h, b, n, d)
-        for i in range(b):
-            _into(grad_m[:, i], torch.bmm, k4[:, i], grad_g[i])
-            _into(grad_k[:, i], torch.bmm, m4[:, i], grad_g[i].transpose(1, 2))
-        del m, m4
+        for i in range(s.count):
+            k_i, gg_i = s.tok(k, i), s.mat(grad_g, i)
+            _into(s.head_major(grad_m, i), torch.bmm, k_i, gg_i)
+            _into(s.head_major(grad_k, i), torch.bmm, s.head_major(m, i), gg_i.transpose(1, 2))
+        del m
         grad_m = grad_m.view(h, b * n, 2 * d)
         gm1, gm2 = grad_m[..., :d], grad_m[..., d:]
-        gm2_v = gm2 * vh
-        grad_v = torch.addcmul(gm1 * act, gm2 * z1, d_act)
+        u = gm2 * z1
+        grad_v = torch.addcmul(gm1 * act, u, d_act)
         grad_z = torch.empty_like(z)
-        _into(grad_z[..., :d], torch.mul, gm2_v, d_act)
-        d2_act = sig * (1 - sig) * (2 + z2 * (1 - 2 * sig))   # SiLU''(Z2)
-        _into(grad_z[..., d:], torch.addcmul, _silu_grad(gm1 * vh, z2), gm2_v * z1, d2_act)
+        gz1, gz2 = grad_z[..., :d], grad_z[..., d:]
+        _into(gz1, torch.mul, gm2, vh)
+        gz1.mul_(d_act)
+        # SiLU''(Z2) = σ(1-σ)(2 + Z2(1-2σ)) = σ(1-σ)(2 + Z2 - 2 SiLU(Z2))
+        d2_act = _sigmoid_grad(torch.add(z2, act, alpha=-2.0).add_(2.0), sig)
+        _into(gz2, torch.mul, gm1, d_act)
+        gz2.addcmul_(u, d2_act).mul_(vh)
         grad_k = grad_k.view(h, b * n, d).baddbmm_(grad_z, w12.transpose(1, 2))
         grad_w12 = grad_w12 + torch.bmm(kh.transpose(1, 2), grad_z)
 
