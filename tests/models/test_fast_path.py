@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from vittt.layers import SwiGLUInner, set_memory_lean
+from vittt.layers import DWConvInner, SwiGLUInner, set_memory_lean
 
 from helpers import images
 
@@ -16,7 +16,7 @@ SMALL = {
 
 def _set_fused(model, fused):
     for m in model.modules():
-        if isinstance(m, SwiGLUInner):
+        if isinstance(m, (SwiGLUInner, DWConvInner)):
             m.fused = fused
 
 

@@ -15,7 +15,8 @@ from torch import nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from ..ops import (DotProductLoss, InnerLoss, dwconv_inner_grad, dwconv_per_sample, dwconv_ttt, get_inner_loss,
+from ..ops import (DotProductLoss, InnerLoss, dwconv_inner_grad, dwconv_per_sample, dwconv_ttt, dwconv_ttt_fused,
+                   get_inner_loss,
                    swiglu_inner_grads, swiglu_ttt, swiglu_ttt_fused)
 from ..ops.normalize import soft_normalize
 from ..ops.precision import in_float32, upcast
@@ -136,8 +137,15 @@ class DWConvInner(InnerModel):
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, kernel_size))
         trunc_normal_(self.weight, std=0.02)
 
+    #: use the fused autograd function (dot-product loss only); False runs the composable reference-style path
+    fused: bool = True
+
     def forward(self, q, k, v, grid_size):
         q, k, v = (tokens_to_map(t, grid_size) for t in (q, k, v))
+        if self.fused and isinstance(self.loss, DotProductLoss):
+            out = in_float32(dwconv_ttt_fused, q, k, v, self.weight, scale=self.scale, inner_lr=self.inner_lr,
+                             normalize=self.grad_norm)
+            return map_to_tokens(out)
         out = in_float32(dwconv_ttt, q, k, v, self.weight, loss=self.loss, scale=self.scale, inner_lr=self.inner_lr,
                          normalize=self.grad_norm)
         return map_to_tokens(out)

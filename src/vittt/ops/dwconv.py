@@ -10,6 +10,15 @@ loss), the kernel gradient is the cross-correlation of the padded keys with E::
 computed as one grouped convolution whose kernel is E itself (3-4× faster on CPU than k² shifted products).
 The gradient is optionally soft-normalised over the k×k taps of each (sample, channel), the per-sample
 kernel ``W' = W - lr g`` is applied to Q.
+
+:func:`dwconv_ttt_fused` is the same step for the dot-product loss as one autograd function whose backward is
+four more depth-wise convolutions of the same two kinds (``flip`` = the kernel rotated by 180°)::
+
+    dQ = DWConv(dO; flip W'),   dW' = corr(Q_pad, dO),   dĝ = -lr dW',   dW = Σ_b dW'
+    dE = DWConv(K; dg),         dK = DWConv(E; flip dg),  dV = c dE            (E = c V, c = -s / (H W))
+
+It keeps only q, k, v (views of the QKV projection, kept anyway) and the small g for backward; autograd's
+composition keeps batch-folded copies of the maps and runs mkldnn's slow backward of the E-kernel convolution.
 """
 from __future__ import annotations
 
@@ -17,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from .inner_loss import InnerLoss
-from .normalize import soft_normalize
+from .normalize import soft_normalize, soft_normalize_backward
 
-__all__ = ['dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt']
+__all__ = ['dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt', 'dwconv_ttt_fused']
 
 
 def dwconv_inner_grad(k: torch.Tensor, e: torch.Tensor, kernel_size: int, padding=None) -> torch.Tensor:
@@ -57,3 +66,49 @@ def dwconv_ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.
     if normalize:
         grad = soft_normalize(grad, (-2, -1))
     return dwconv_per_sample(q, weight.reshape(1, channels, ks, ks) - inner_lr * grad)
+
+
+def _stepped_kernel(weight: torch.Tensor, grad: torch.Tensor, inner_lr: float, normalize: bool) -> torch.Tensor:
+    channels, ks = weight.shape[0], weight.shape[-1]
+    step = soft_normalize(grad, (-2, -1)) if normalize else grad
+    return weight.reshape(1, channels, ks, ks) - inner_lr * step
+
+
+class _DWConvTTT(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, weight, c: float, inner_lr: float, normalize: bool):
+        ks = weight.shape[-1]
+        grad = dwconv_inner_grad(k, v * c, ks)
+        ctx.save_for_backward(q, k, v, weight, grad)
+        ctx.c, ctx.inner_lr, ctx.normalize = c, inner_lr, normalize
+        return dwconv_per_sample(q, _stepped_kernel(weight, grad, inner_lr, normalize))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, weight, grad = ctx.saved_tensors
+        c, lr = ctx.c, ctx.inner_lr
+        ks = weight.shape[-1]
+        kernel = _stepped_kernel(weight, grad, lr, ctx.normalize)
+        grad_q = dwconv_per_sample(grad_out, kernel.flip(-2, -1))
+        grad_kernel = dwconv_inner_grad(q, grad_out, ks)
+        grad_step = grad_kernel * -lr
+        grad_grad = soft_normalize_backward(grad, grad_step, (-2, -1)) if ctx.normalize else grad_step
+        grad_e = dwconv_per_sample(k, grad_grad)
+        grad_k = dwconv_per_sample(v * c, grad_grad.flip(-2, -1))
+        return grad_q, grad_k, grad_e.mul_(c), grad_kernel.sum(0).unsqueeze(1), None, None, None
+
+
+def dwconv_ttt_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, *, scale: float,
+                     inner_lr: float = 1.0, normalize: bool = True) -> torch.Tensor:
+    """:func:`dwconv_ttt` for the dot-product loss with a hand-written backward (see the module docstring);
+    ``q, k, v [B, C, H, W]``, ``weight [C, 1, k, k]``."""
+    if q.shape != k.shape or q.shape != v.shape or q.ndim != 4:
+        raise ValueError(f'q, k, v must share one [B, C, H, W] shape, got {tuple(q.shape)}, {tuple(k.shape)}, '
+                         f'{tuple(v.shape)}')
+    channels = q.shape[1]
+    if weight.ndim != 4 or weight.shape[:2] != (channels, 1) or weight.shape[2] != weight.shape[3] \
+            or weight.shape[-1] % 2 != 1:
+        raise ValueError(f'weight must be [C, 1, k, k] with C = {channels} and odd k, got {tuple(weight.shape)}')
+    c = -float(scale) / (q.shape[-2] * q.shape[-1])
+    return _DWConvTTT.apply(q, k, v, weight, c, float(inner_lr), bool(normalize))

@@ -10,7 +10,7 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ['soft_normalize', 'l2_norm']
+__all__ = ['soft_normalize', 'soft_normalize_backward', 'l2_norm']
 
 
 def soft_normalize(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch.Tensor:
@@ -25,3 +25,16 @@ def soft_normalize(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch
 def l2_norm(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch.Tensor:
     """``sqrt(max(Σ g² over dims, 1e-30))``, dims kept (the norm :func:`soft_normalize` divides by)."""
     return grad.square().sum(dim=dims, keepdim=True).clamp_min(1e-30).sqrt()
+
+
+def soft_normalize_backward(grad: torch.Tensor, grad_out: torch.Tensor,
+                            dims: Union[int, Sequence[int]]) -> torch.Tensor:
+    """The gradient w.r.t. ``grad`` of :func:`soft_normalize` given the gradient ``grad_out`` of its output
+    (for hand-written backward passes)::
+
+        d/dg [g / (n + 1)] = grad_out / (n + 1) - g (Σ g ⊙ grad_out) / (n (n + 1)²),   n = ||g|| over dims
+
+    At g = 0 the clamped norm makes the second term 0 / tiny = 0 (finite)."""
+    norm = l2_norm(grad, dims)
+    inner = (grad * grad_out).sum(dim=dims, keepdim=True)
+    return grad_out / (norm + 1.0) - grad * (inner / (norm * (norm + 1.0) ** 2))

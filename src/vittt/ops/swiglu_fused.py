@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .normalize import l2_norm, soft_normalize
+from .normalize import soft_normalize, soft_normalize_backward
 
 __all__ = ['swiglu_ttt_fused']
 
@@ -146,13 +146,7 @@ class _SwiGLUTTT(torch.autograd.Function):
 
         # through the step and the soft normalisation (tiny [B, h, d, 2d] tensors)
         grad_step = grad_w_new * -lr
-        if ctx.normalize:
-            norm = l2_norm(g, -2)   # clamped away from 0: at G = 0 the radial term is 0 / tiny = 0
-            inner = (g * grad_step).sum(dim=-2, keepdim=True)
-            radial = inner / (norm * (norm + 1.0) ** 2)
-            grad_g = grad_step / (norm + 1.0) - g * radial
-        else:
-            grad_g = grad_step
+        grad_g = soft_normalize_backward(g, grad_step, -2) if ctx.normalize else grad_step
         grad_g = grad_g * c
         grad_w12 = grad_w_new.sum(0)
 
