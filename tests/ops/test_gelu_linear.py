@@ -63,3 +63,23 @@ def test_token_mlp_gradients_match_the_plain_composition(dwconv):
     params = (x,) + tuple(mlp.parameters())
     for a, r in zip(torch.autograd.grad(ours.square().sum(), params), torch.autograd.grad(ref.square().sum(), params)):
         torch.testing.assert_close(a, r)
+
+
+def test_gelu_linear_under_autocast_matches_autograd():
+    """bf16 autocast: the matmuls run in bf16 in both; gradients come back in the parameters' dtype."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(6, 8, generator=g, requires_grad=True)
+    w = torch.randn(4, 8, generator=g, requires_grad=True)
+    b = torch.randn(4, generator=g, requires_grad=True)
+    results = []
+    for fn in (gelu_linear, lambda h, w, b: F.linear(F.gelu(h), w, b)):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = fn(h * 1.0, w, b)
+        grads = torch.autograd.grad(out.float().square().sum(), (h, w, b))
+        results.append((out, grads))
+    (out, grads), (ref, ref_grads) = results
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, ref_grads):
+        assert a.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2)

@@ -19,23 +19,30 @@ __all__ = ['gelu_linear']
 
 class _GeluLinear(torch.autograd.Function):
 
-    # on 2-D ``[rows, features]`` tensors: the output is a fresh matrix, not a view (callers add to it in place)
+    # on 2-D ``[rows, features]`` tensors: the output is a fresh matrix, not a view (callers add to it in place).
+    # Under autocast the forward's matmul runs in the autocast dtype; the backward (which autograd runs without
+    # autocast) casts to that dtype explicitly and returns gradients in the inputs' dtypes.
     @staticmethod
     def forward(ctx, h, weight, bias, approximate: str):
+        out = F.linear(F.gelu(h, approximate=approximate), weight, bias)
         ctx.save_for_backward(h, weight)
-        ctx.approximate, ctx.has_bias = approximate, bias is not None
-        return F.linear(F.gelu(h, approximate=approximate), weight, bias)
+        ctx.approximate, ctx.has_bias, ctx.mm_dtype = approximate, bias is not None, out.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         h, weight = ctx.saved_tensors
+        grad_out = grad_out.to(ctx.mm_dtype)
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_w = grad_out.t().mm(F.gelu(h, approximate=ctx.approximate))
+            act = F.gelu(h, approximate=ctx.approximate).to(ctx.mm_dtype)
+            grad_w = grad_out.t().mm(act).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(0)
+            grad_b = grad_out.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
-            grad_h = torch.ops.aten.gelu_backward(grad_out.mm(weight), h, approximate=ctx.approximate)
+            grad_act = grad_out.mm(weight.to(ctx.mm_dtype)).to(h.dtype)
+            grad_h = torch.ops.aten.gelu_backward(grad_act, h, approximate=ctx.approximate)
         return grad_h, grad_w, grad_b, None
 
 
