@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..ops import (DotProductLoss, InnerLoss, dwconv_inner_grad, dwconv_per_sample, dwconv_ttt, dwconv_ttt_fused,
-                   get_inner_loss,
-                   swiglu_inner_grads, swiglu_ttt, swiglu_ttt_fused)
-from ..ops.normalize import soft_normalize
+                   get_inner_loss, swiglu_inner_grads, swiglu_ttt, swiglu_ttt_fused)
+from ..ops.normalize import inner_step
 from ..ops.precision import in_float32, upcast
 from .grid import GridSize, map_to_tokens, tokens_to_map
 from .lean import Band
@@ -111,8 +110,7 @@ class SwiGLUInner(InnerModel):
         return grad if grad_sum is None else grad_sum + grad
 
     def lean_step(self, grad_sum):
-        grad = soft_normalize(grad_sum, -2) if self.grad_norm else grad_sum
-        return upcast(self._w12()) - self.inner_lr * grad
+        return inner_step(upcast(self._w12()), grad_sum, self.inner_lr, -2, self.grad_norm)
 
     def lean_apply(self, trained, q, band: Band):
         q = band.center(q)
@@ -143,11 +141,11 @@ class DWConvInner(InnerModel):
     def forward(self, q, k, v, grid_size):
         q, k, v = (tokens_to_map(t, grid_size) for t in (q, k, v))
         if self.fused and isinstance(self.loss, DotProductLoss):
-            out = in_float32(dwconv_ttt_fused, q, k, v, self.weight, scale=self.scale, inner_lr=self.inner_lr,
-                             normalize=self.grad_norm)
-            return map_to_tokens(out)
-        out = in_float32(dwconv_ttt, q, k, v, self.weight, loss=self.loss, scale=self.scale, inner_lr=self.inner_lr,
-                         normalize=self.grad_norm)
+            fn, kwargs = dwconv_ttt_fused, {}
+        else:
+            fn, kwargs = dwconv_ttt, {'loss': self.loss}
+        out = in_float32(fn, q, k, v, self.weight, scale=self.scale, inner_lr=self.inner_lr, normalize=self.grad_norm,
+                         **kwargs)
         return map_to_tokens(out)
 
     @property
@@ -166,9 +164,7 @@ class DWConvInner(InnerModel):
         return grad if grad_sum is None else grad_sum + grad
 
     def lean_step(self, grad_sum):
-        grad = soft_normalize(grad_sum, (-2, -1)) if self.grad_norm else grad_sum
-        ks = self.kernel_size
-        return upcast(self.weight).reshape(1, self.channels, ks, ks) - self.inner_lr * grad
+        return inner_step(upcast(self.weight).transpose(0, 1), grad_sum, self.inner_lr, (-2, -1), self.grad_norm)
 
     def lean_apply(self, trained, q, band: Band):
         out = dwconv_per_sample(upcast(band.padded_map(q, self.halo)), trained, padding=(0, self.halo))

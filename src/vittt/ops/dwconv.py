@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .inner_loss import InnerLoss
-from .normalize import soft_normalize, soft_normalize_backward
+from .normalize import inner_step, soft_normalize_backward
 
 __all__ = ['dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt', 'dwconv_ttt_fused']
 
@@ -63,15 +63,12 @@ def dwconv_ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.
     prediction = F.conv2d(k, weight, padding=ks // 2, groups=channels) if loss.needs_prediction else None
     e = loss.grad(prediction, v, scale, k.shape[-2] * k.shape[-1])
     grad = dwconv_inner_grad(k, e, ks)
-    if normalize:
-        grad = soft_normalize(grad, (-2, -1))
-    return dwconv_per_sample(q, weight.reshape(1, channels, ks, ks) - inner_lr * grad)
+    return dwconv_per_sample(q, _stepped_kernel(weight, grad, inner_lr, normalize))
 
 
 def _stepped_kernel(weight: torch.Tensor, grad: torch.Tensor, inner_lr: float, normalize: bool) -> torch.Tensor:
-    channels, ks = weight.shape[0], weight.shape[-1]
-    step = soft_normalize(grad, (-2, -1)) if normalize else grad
-    return weight.reshape(1, channels, ks, ks) - inner_lr * step
+    """W' ``[B, C, k, k]`` from W ``[C, 1, k, k]`` and the per-sample gradient."""
+    return inner_step(weight.transpose(0, 1), grad, inner_lr, (-2, -1), normalize)
 
 
 class _DWConvTTT(torch.autograd.Function):

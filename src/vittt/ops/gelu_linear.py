@@ -26,7 +26,7 @@ class _GeluLinear(torch.autograd.Function):
     def forward(ctx, h, weight, bias, approximate: str):
         out = F.linear(F.gelu(h, approximate=approximate), weight, bias)
         ctx.save_for_backward(h, weight)
-        ctx.approximate, ctx.has_bias, ctx.mm_dtype = approximate, bias is not None, out.dtype
+        ctx.approximate, ctx.mm_dtype = approximate, out.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
@@ -38,7 +38,7 @@ class _GeluLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             act = F.gelu(h, approximate=ctx.approximate).to(ctx.mm_dtype)
             grad_w = grad_out.t().mm(act).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
             grad_act = grad_out.mm(weight.to(ctx.mm_dtype)).to(h.dtype)

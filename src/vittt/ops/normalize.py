@@ -10,7 +10,7 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ['soft_normalize', 'soft_normalize_backward', 'l2_norm']
+__all__ = ['soft_normalize', 'soft_normalize_backward', 'l2_norm', 'inner_step']
 
 
 def soft_normalize(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch.Tensor:
@@ -25,6 +25,12 @@ def soft_normalize(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch
 def l2_norm(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch.Tensor:
     """``sqrt(max(Σ g² over dims, 1e-30))``, dims kept (the norm :func:`soft_normalize` divides by)."""
     return grad.square().sum(dim=dims, keepdim=True).clamp_min(1e-30).sqrt()
+
+
+def inner_step(weight: torch.Tensor, grad: torch.Tensor, inner_lr: float, dims: Union[int, Sequence[int]],
+               normalize: bool = True) -> torch.Tensor:
+    """The trained inner state ``W - lr · ĝ``, ``ĝ`` the gradient soft-normalised over ``dims`` (or raw)."""
+    return weight - inner_lr * (soft_normalize(grad, dims) if normalize else grad)
 
 
 def soft_normalize_backward(grad: torch.Tensor, grad_out: torch.Tensor,

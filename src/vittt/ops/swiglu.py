@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .inner_loss import InnerLoss
-from .normalize import soft_normalize
+from .normalize import inner_step
 
 __all__ = ['swiglu_inner', 'swiglu_inner_grads', 'swiglu_ttt']
 
@@ -55,7 +55,5 @@ def swiglu_ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w1: torch.Tens
     d = q.shape[-1]
     w12 = torch.cat([w1, w2], dim=-1)
     grad = swiglu_inner_grads(k, v, w12, loss, scale)
-    if normalize:
-        grad = soft_normalize(grad, -2)
-    z1, z2 = (q @ (w12 - inner_lr * grad)).split(d, dim=-1)
+    z1, z2 = (q @ inner_step(w12, grad, inner_lr, -2, normalize)).split(d, dim=-1)
     return z1 * F.silu(z2)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .normalize import soft_normalize, soft_normalize_backward
+from .normalize import inner_step, soft_normalize_backward
 
 __all__ = ['swiglu_ttt_fused']
 
@@ -110,8 +110,7 @@ class _SwiGLUTTT(torch.autograd.Function):
             _into(s.mat(g, i), torch.bmm, s.tok(k, i).transpose(1, 2), s.head_major(m, i))
         del m
         g = torch.cat([g[..., d:], g[..., :d]], dim=-1).mul_(c)  # buffer order was [M2 | M1]
-        step = soft_normalize(g, -2) if normalize else g
-        w_new = w12 - inner_lr * step
+        w_new = inner_step(w12, g, inner_lr, -2, normalize)
         out = q.new_empty(b, n, h, d)
         for i in range(s.count):
             y = torch.bmm(s.tok(q, i), s.mat(w_new, i))
@@ -125,7 +124,7 @@ class _SwiGLUTTT(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, w12, g = ctx.saved_tensors
         c, lr = ctx.c, ctx.inner_lr
-        w_new = w12 - lr * (soft_normalize(g, -2) if ctx.normalize else g)
+        w_new = inner_step(w12, g, lr, -2, ctx.normalize)
         b, n, h, d = q.shape
         s = _Slices(b, h)
         kh, vh = _heads(k), _heads(v)
