@@ -1,8 +1,9 @@
-"""The fused 3×3 inner step (hand-written backward) against the autograd reference: outputs and every gradient."""
+"""The fused 3×3 inner step (hand-written backward) against the autograd reference: outputs and every gradient,
+with the batch folded into conv groups and with the batch-independent shifted products."""
 import pytest
 import torch
 
-from vittt.ops import DotProductLoss, dwconv_ttt_fused
+from vittt.ops import DotProductLoss, dwconv_ttt_fused, set_dwconv_backend
 from vittt.ops.reference import reference_dwconv_ttt
 
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-6)}
@@ -26,7 +27,9 @@ def _maps(batch, channels, height, width, dtype, seed, channels_last):
 @pytest.mark.parametrize('normalize', [True, False], ids=['norm', 'no-norm'])
 @pytest.mark.parametrize('shape,ks', [((1, 3, 5, 7), 3), ((3, 4, 6, 6), 3), ((2, 2, 1, 4), 3), ((2, 5, 9, 8), 5)])
 @pytest.mark.parametrize('channels_last', [True, False], ids=['tokens', 'nchw'])
-def test_fused_equals_reference(shape, ks, normalize, dtype, channels_last):
+@pytest.mark.parametrize('backend', ['grouped', 'shifted'])
+def test_fused_equals_reference(shape, ks, normalize, dtype, channels_last, backend, dwconv_backend):
+    dwconv_backend(backend)
     b, c, h, w = shape
     qkv, (q, k, v) = _maps(b, c, h, w, dtype, seed=h * w, channels_last=channels_last)
     weight = (0.3 * torch.randn(c, 1, ks, ks, generator=torch.Generator().manual_seed(2), dtype=dtype)).requires_grad_()

@@ -1,0 +1,60 @@
+"""The two ways of running per-sample depth-wise convolutions (batch folded into conv groups; batch-independent
+shifted products) give the same numbers, including the memory-lean mode's row bands, and the switch's errors."""
+import pytest
+import torch
+
+from vittt.ops import DWCONV_BACKENDS, dwconv_inner_grad, dwconv_per_sample, set_dwconv_backend
+from vittt.ops.reference import shifted_dwconv
+
+
+def _run_both(fn, dwconv_backend):
+    dwconv_backend('grouped')
+    grouped = fn()
+    dwconv_backend('shifted')
+    return grouped, fn()
+
+
+@pytest.mark.parametrize('shape,ks', [((1, 3, 5, 7), 3), ((3, 4, 6, 6), 3), ((2, 2, 1, 4), 3), ((2, 5, 9, 8), 5)])
+@pytest.mark.parametrize('padding', [None, (0, 'p')], ids=['whole-map', 'band'])
+def test_shifted_equals_grouped(shape, ks, padding, dwconv_backend):
+    b, c, h, w = shape
+    g = torch.Generator().manual_seed(h * w + ks)
+    p = ks // 2
+    pad = None if padding is None else (0, p)
+    rows = h if padding is None else h + 2 * p          # a band passes p context rows above and below
+    x = torch.randn(b, c, rows, w, generator=g, dtype=torch.float64)
+    e = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(b, c, ks, ks, generator=g, dtype=torch.float64)
+    out_g, out_s = _run_both(lambda: dwconv_per_sample(x, weight, padding=pad), dwconv_backend)
+    assert out_s.shape == out_g.shape == (b, c, h, w)
+    torch.testing.assert_close(out_s, out_g, rtol=1e-12, atol=1e-12)
+    grad_g, grad_s = _run_both(lambda: dwconv_inner_grad(x, e, ks, padding=pad), dwconv_backend)
+    assert grad_s.shape == grad_g.shape == (b, c, ks, ks)
+    torch.testing.assert_close(grad_s, grad_g, rtol=1e-12, atol=1e-12)
+    if padding is None:  # and both against the plain reference
+        torch.testing.assert_close(out_s, shifted_dwconv(x, weight), rtol=1e-12, atol=1e-12)
+
+
+def test_shifted_backward_equals_grouped(dwconv_backend):
+    """Autograd through the shifted products (the composable path's backward) = through the grouped convs."""
+    g = torch.Generator().manual_seed(5)
+    x, e = (torch.randn(3, 2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weight = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def grads():
+        loss = (dwconv_per_sample(x, weight) ** 2).sum() + (dwconv_inner_grad(x, e, 3) ** 2).sum()
+        return torch.autograd.grad(loss, (x, e, weight))
+
+    for a, b in zip(*_run_both(grads, dwconv_backend)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_backend_switch():
+    assert DWCONV_BACKENDS == ('auto', 'grouped', 'shifted')
+    previous = set_dwconv_backend('shifted')
+    try:
+        assert set_dwconv_backend('grouped') == 'shifted'
+        with pytest.raises(ValueError, match=r"dwconv backend must be one of .*got 'im2col'"):
+            set_dwconv_backend('im2col')
+    finally:
+        set_dwconv_backend(previous)
