@@ -169,6 +169,7 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(
         models=args.models, sizes=args.sizes, modes=args.mode, dtypes=args.dtype, batch_size=args.batch_size,
         threads=args.threads, repeats=args.repeats, warmup=args.warmup, attn=args.attn, lean=args.lean,
+        compile=args.compile,
         baseline=args.baseline, device=args.device, memory=not args.no_memory, timing=not args.no_time,
         train_sizes=args.train_sizes, train_batch_size=args.train_batch_size)
     result = run_bench(settings, command=args.command_line)
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                         '(explicit softmax(QK^T)V, a <spec>+math variant)')
     p.add_argument('--lean', action='store_true',
                    help='add a <spec>+lean variant (memory-lean inference) for models that have that mode')
+    p.add_argument('--compile', action='store_true',
+                   help='add a <spec>+compile variant (torch.compile, default options) of every model; compiled in '
+                        'its warm-up calls (at least one), CPU memory not measured (compilation would be in it)')
     p.add_argument('--baseline', metavar='LABEL',
                    help='variant to compare against (default: the first deit* variant, else the first)')
     p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:N)')

@@ -44,6 +44,11 @@ def test_expand_variants_from_counts():
     variants = expand_variants(spec, 0, 3, ['fused', 'math'], lean=True)
     assert [(v.label, v.attn, v.lean) for v in variants] == [('m:depth=1', None, False), ('m:depth=1+lean', None, True)]
     assert [v.label for v in expand_variants(spec, 0, 3, ['fused'], lean=False)] == ['m:depth=1']
+    variants = expand_variants(spec, 12, 0, ['fused', 'math'], lean=False, compiled=True)
+    assert [(v.label, v.attn, v.compiled) for v in variants] == [
+        ('m:depth=1', 'fused', False), ('m:depth=1+math', 'math', False), ('m:depth=1+compile', 'fused', True)]
+    assert [(v.label, v.attn) for v in expand_variants(spec, 0, 0, ['fused'], False, True)] == [
+        ('m:depth=1', None), ('m:depth=1+compile', None)]
     with pytest.raises(ValueError, match='attention mode'):
         expand_variants(spec, 1, 0, ['flash'], lean=False)
 
@@ -243,3 +248,33 @@ def test_bench_errors(tmp_path, capsys):
         assert main(['bench', '--models', DEIT, '--sizes', '32', '--device', 'cuda', '--output', str(tmp_path)]) == 2
         assert 'CUDA is not available' in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written on errors
+
+
+@pytest.mark.slow
+def test_bench_compiled_variants(tmp_path):
+    """--compile: a +compile variant per model, timed after a compiling warm-up even with --warmup 0, the same
+    MACs as the eager model, CPU memory reported as not measured (with the reason) while eager variants are
+    measured."""
+    out = tmp_path / 'bench'
+    assert main(['bench', '--models', VIT3, '--sizes', '32', '--repeats', '1', '--warmup', '0', '--compile',
+                 '--threads', '1', '--output', str(out)]) == 0
+    result = json.loads((out / 'bench.json').read_text())
+    labels = [VIT3, f'{VIT3}+compile']
+    assert [v['label'] for v in result['variants']] == labels
+    entries = {m['variant']: m for m in result['measurements']}
+    assert set(entries) == set(labels) and not any('error' in m for m in entries.values())
+    for label in labels:
+        assert len(entries[label]['time']['times_ms']) == 1
+    assert entries[f'{VIT3}+compile']['macs'] == entries[VIT3]['macs']
+    assert entries[VIT3]['memory']['activation_bytes'] > 0
+    memory = entries[f'{VIT3}+compile']['memory']
+    assert memory['activation_bytes'] is None and 'compil' in memory['reason']
+    assert any('+compile' in note for note in result['notes'])
+
+
+def test_compiled_workload_round_trip():
+    variant = expand_variants(parse_model_spec(VIT3), 0, 0, ['fused'], lean=False, compiled=True)[1]
+    workload = Workload(variant, (32, 32), 'infer', 'fp32')
+    again = Workload.from_config(workload.to_config(threads=1))
+    assert again.variant.compiled and again.variant.label == f'{VIT3}+compile'
+    assert isinstance(build_model(again), torch._dynamo.eval_frame.OptimizedModule)

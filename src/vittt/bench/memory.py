@@ -61,6 +61,9 @@ def _unmeasured(reason: str) -> Dict[str, Any]:
 
 
 def _measure_cpu(workload: Workload) -> Dict[str, Any]:
+    if workload.variant.compiled:
+        return _unmeasured('compiled variant: the one measured step would include the compilation (and a warm-up '
+                           'step would hide the peak, see vittt.bench.memory)')
     reason = _reset_peak_rss()  # checked before building anything
     if reason:
         return _unmeasured(reason)
@@ -82,6 +85,8 @@ def _measure_cuda(workload: Workload) -> Dict[str, Any]:
     device = torch.device(workload.device)
     model = build_model(workload)
     step = make_step(model, workload)
+    if workload.variant.compiled:
+        step()  # compiles; the allocator's peak is reset below
     gc.collect()
     synchronize(workload.device)
     torch.cuda.empty_cache()

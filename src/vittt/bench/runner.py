@@ -45,6 +45,7 @@ class BenchSettings:
     warmup: int = 2
     attn: List[str] = field(default_factory=lambda: ['fused'])
     lean: bool = False
+    compile: bool = False
     baseline: Optional[str] = None
     device: str = 'cpu'
     memory: bool = True
@@ -93,7 +94,7 @@ def build_variants(settings: BenchSettings, log: Log = _stderr) -> Tuple[List[Va
     for spec in specs:
         model = create_model(spec, settings.sizes[0])
         attention, lean_blocks = probe_model(model)
-        for variant in expand_variants(spec, attention, lean_blocks, settings.attn, settings.lean):
+        for variant in expand_variants(spec, attention, lean_blocks, settings.attn, settings.lean, settings.compile):
             variants.append(variant)
             params[variant.label] = count_params(model)
         del model
@@ -172,9 +173,10 @@ def machine_info(device: str) -> Dict[str, Any]:
 
 
 def _time_variants(steps: Dict[str, Callable[[], None]], settings: BenchSettings, tag: str,
-                   errors: Dict[str, str], log: Log) -> Dict[str, List[float]]:
-    """Warm-up, then ``repeats`` rounds in which every variant runs once (interleaved, so machine noise hits all
-    alike). Returns seconds per call for each variant; a variant that raises is dropped and its error recorded."""
+                   errors: Dict[str, str], log: Log, compiled: Sequence[str] = ()) -> Dict[str, List[float]]:
+    """Warm-up (at least one call for the ``compiled`` labels: it compiles), then ``repeats`` rounds in which every
+    variant runs once (interleaved, so machine noise hits all alike). Returns seconds per call for each variant; a
+    variant that raises is dropped and its error recorded."""
     times: Dict[str, List[float]] = {label: [] for label in steps}
 
     def run_once(label: str) -> Optional[float]:
@@ -190,7 +192,7 @@ def _time_variants(steps: Dict[str, Callable[[], None]], settings: BenchSettings
             return None
 
     for label in steps:
-        for _ in range(settings.warmup):
+        for _ in range(max(settings.warmup, int(label in compiled))):
             if label not in errors and run_once(label) is None:
                 break
     if settings.warmup:
@@ -262,7 +264,8 @@ def _measure_point(workloads: Sequence[Workload], settings: BenchSettings, threa
                 errors[label] = f'{type(e).__name__}: {e}'
                 log(f'[bench] {tag}: building {label} failed: {errors[label]}')
         log(f'[bench] {tag}: timing {len(steps)} variant(s), {settings.repeats} round(s)')
-        timings = _time_variants(steps, settings, tag, errors, log)
+        timings = _time_variants(steps, settings, tag, errors, log,
+                                 compiled=[w.variant.label for w in workloads if w.variant.compiled])
         del steps
         gc.collect()
         if torch.device(settings.device).type == 'cuda':
@@ -315,6 +318,10 @@ def _notes(settings: BenchSettings) -> List[str]:
                      'allocations (thread pools, kernel scratch), so small configurations show a floor of a few MiB. '
                      'total = the process\'s peak RSS (interpreter and libraries included). Train steps include the '
                      'parameter gradients.')
+    if settings.compile:
+        notes.append('+compile: torch.compile with default options (Inductor), compiled in the warm-up (not timed); '
+                     'a +compile variant reports its model\'s MACs'
+                     + ('; memory after one compiling step.' if cuda else '; its memory is not measured on CPU.'))
     return notes
 
 

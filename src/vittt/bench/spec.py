@@ -28,12 +28,14 @@ class Variant:
     """One benchmarked configuration of a model.
 
     ``attn`` is 'fused' or 'math' for models with timm attention modules and None for models without any;
-    ``lean`` switches on the TTT blocks' memory-lean inference mode.
+    ``lean`` switches on the TTT blocks' memory-lean inference mode; ``compiled`` wraps the model in
+    ``torch.compile`` (default options; the warm-up calls compile it).
     """
     label: str
     spec: ModelSpec
     attn: str | None = None
     lean: bool = False
+    compiled: bool = False
 
 
 def _split_top_level(text: str, sep: str = ',') -> List[str]:
@@ -121,10 +123,10 @@ def probe_model(model: nn.Module) -> Tuple[int, int]:
 
 
 def expand_variants(spec: ModelSpec, attention_modules: int, lean_blocks: int, attn_modes: Sequence[str],
-                    lean: bool) -> List[Variant]:
+                    lean: bool, compiled: bool = False) -> List[Variant]:
     """The variants of one model: one per requested attention kernel when the model has timm attention (the fused
     one labelled by the spec, the explicit one ``<spec>+math``), else the plain model; plus ``<spec>+lean`` when
-    asked for and the model has a memory-lean mode."""
+    asked for and the model has a memory-lean mode, and ``<spec>+compile`` (fused attention) when asked for."""
     unknown = set(attn_modes) - set(ATTN_MODES)
     if unknown:
         raise ValueError(f'unknown attention mode(s) {sorted(unknown)}; choose from {list(ATTN_MODES)}')
@@ -135,6 +137,9 @@ def expand_variants(spec: ModelSpec, attention_modules: int, lean_blocks: int, a
         variants = [Variant(spec.text, spec)]
     if lean and lean_blocks > 0:
         variants.append(Variant(f'{spec.text}+lean', spec, attn='fused' if attention_modules else None, lean=True))
+    if compiled:
+        variants.append(Variant(f'{spec.text}+compile', spec, attn='fused' if attention_modules else None,
+                                compiled=True))
     return variants
 
 

@@ -30,13 +30,14 @@ class Workload:
     def to_config(self, threads: int) -> Dict[str, Any]:
         """The JSON-able description the memory worker rebuilds the workload from."""
         return dict(label=self.variant.label, spec=self.variant.spec.text, attn=self.variant.attn,
-                    lean=self.variant.lean, size=list(self.size), mode=self.mode, dtype=self.dtype,
+                    lean=self.variant.lean, compiled=self.variant.compiled, size=list(self.size), mode=self.mode, dtype=self.dtype,
                     batch_size=self.batch_size, device=self.device, threads=threads)
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> 'Workload':
         spec = parse_model_spec(config['spec'])
-        variant = Variant(config.get('label', spec.text), spec, attn=config.get('attn'), lean=config.get('lean', False))
+        variant = Variant(config.get('label', spec.text), spec, attn=config.get('attn'), lean=config.get('lean', False),
+                          compiled=config.get('compiled', False))
         return cls(variant, tuple(config['size']), config['mode'], config['dtype'], config.get('batch_size', 1),
                    config.get('device', 'cpu'))
 
@@ -63,7 +64,8 @@ def create_model(spec: ModelSpec, size: Sequence[int]) -> nn.Module:
 
 def build_model(workload: Workload) -> nn.Module:
     """The variant's model at the workload's resolution, in eval (infer) or train mode, on its device and dtype:
-    bf16 inference converts the weights, bf16 training keeps fp32 weights and runs under autocast."""
+    bf16 inference converts the weights, bf16 training keeps fp32 weights and runs under autocast. A compiled
+    variant is returned wrapped in ``torch.compile`` (compiled on its first call)."""
     from ..layers import set_memory_lean
 
     model = create_model(workload.variant.spec, workload.size)
@@ -75,7 +77,8 @@ def build_model(workload: Workload) -> nn.Module:
         set_memory_lean(model, True)
     model.train(workload.mode == 'train')
     dtype = torch.bfloat16 if workload.dtype == 'bf16' and workload.mode == 'infer' else torch.float32
-    return model.to(device=workload.device, dtype=dtype)
+    model = model.to(device=workload.device, dtype=dtype)
+    return torch.compile(model) if workload.variant.compiled else model
 
 
 def _loss(output: Any, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
