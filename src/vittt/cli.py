@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--lean', action='store_true',
                    help='add a <spec>+lean variant (memory-lean inference) for models that have that mode')
     p.add_argument('--compile', action='store_true',
-                   help='add a <spec>+compile variant (torch.compile, default options) of every model; compiled in '
+                   help='add a <spec>+compile variant (torch.compile, static shapes) of every model; compiled in '
                         'its warm-up calls (at least one), CPU memory not measured (compilation would be in it)')
     p.add_argument('--baseline', metavar='LABEL',
                    help='variant to compare against (default: the first deit* variant, else the first)')

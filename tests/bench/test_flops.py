@@ -48,15 +48,21 @@ def test_count_macs_restores_training_mode_and_leaves_no_fake_tensors():
     assert caches and all(type(t) is torch.Tensor for c in caches for pair in c.values() for t in pair)
 
 
+@pytest.mark.parametrize('fused', [False, True], ids=['composable', 'fused'])
 @pytest.mark.parametrize('mini_batch_size,scans', [(16, ('forward', 'reverse')), (32, ('forward',))])
-def test_macs_formula_of_one_vision_ttt_block(mini_batch_size, scans):
-    """Per token: 4C² (qk, v, gate, proj) + Ch (lr) + 18C (two 3×3 dw convs) + 3CH (SwiGLU)
-    + per scan 3dC (key forward, query forward, state update) + 2bC + C (dual form: Q Kᵀ and (A ⊙ Q Kᵀ) G per token,
-    the broadcast row A G once per mini-batch), when b divides N.
-    This is what the 1280² calibration table in docs/vision_ttt.md scales up."""
+def test_macs_formula_of_one_vision_ttt_block(mini_batch_size, scans, fused):
+    """Per token: 4C² (qk, v, gate, proj) + Ch (lr) + 18C (two 3×3 dw convs) + 3CH (SwiGLU), plus per scan:
+
+    * composable path (``VisionTTTMixer.fused = False``): 3dC (key forward, query forward, state update) + 2bC + C
+      (dual form: Q Kᵀ and (A ⊙ Q Kᵀ) G per token, the broadcast row A G once per mini-batch), when b divides N.
+      This is what the 1280² calibration table in docs/vision_ttt.md scales up;
+    * fused path (the default): 3(d + 1)C (key forward, state update and query forward against the stored state,
+      each a matmul with the bias as an extra row of the state), whatever b."""
     model = timm.create_model('vision_ttt_tiny', depth=1, num_classes=0,
                               mixer_kwargs=dict(mini_batch_size=mini_batch_size, scans=scans))
+    model.blocks[0].mixer.fused = fused
     c, h, n = 192, 3, 64
     d, hidden = c // h, int(c * 8 / 3)
-    per_token = 4 * c * c + c * h + 18 * c + 3 * c * hidden + len(scans) * (3 * d * c + 2 * mini_batch_size * c + c)
+    scan = 3 * (d + 1) * c if fused else 3 * d * c + 2 * mini_batch_size * c + c
+    per_token = 4 * c * c + c * h + 18 * c + 3 * c * hidden + len(scans) * scan
     assert count_macs(model, (3, 128, 128)) == n * per_token + n * 16 * 16 * 3 * c

@@ -12,15 +12,16 @@ from helpers import images
 
 SIZE = (48, 80)
 DYNAMIC = {'x': {0: Dim('batch', min=1, max=64)}}
+MODELS = dict(SMALL, vision_ttt_tiny=dict(depth=2, embed_dim=32, num_heads=2, mixer_kwargs=dict(mini_batch_size=5)))
 
 
 def _model(name):
     torch.manual_seed(0)
-    return timm.create_model(name, num_classes=7, **SMALL[name]).eval()
+    return timm.create_model(name, num_classes=7, **MODELS[name]).eval()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', sorted(SMALL))
+@pytest.mark.parametrize('name', sorted(MODELS))
 def test_torch_export_dynamic_batch_equals_eager(name):
     model = _model(name)
     program = export(model, (images(2, *SIZE),), dynamic_shapes=DYNAMIC).module()

@@ -319,7 +319,8 @@ def _notes(settings: BenchSettings) -> List[str]:
                      'total = the process\'s peak RSS (interpreter and libraries included). Train steps include the '
                      'parameter gradients.')
     if settings.compile:
-        notes.append('+compile: torch.compile with default options (Inductor), compiled in the warm-up (not timed); '
+        notes.append('+compile: torch.compile (Inductor, static shapes: each size compiled for itself), compiled in '
+                     'the warm-up (not timed); '
                      'a +compile variant reports its model\'s MACs'
                      + ('; memory after one compiling step.' if cuda else '; its memory is not measured on CPU.'))
     return notes

@@ -29,7 +29,7 @@ class Variant:
 
     ``attn`` is 'fused' or 'math' for models with timm attention modules and None for models without any;
     ``lean`` switches on the TTT blocks' memory-lean inference mode; ``compiled`` wraps the model in
-    ``torch.compile`` (default options; the warm-up calls compile it).
+    ``torch.compile`` (static shapes, default options; the warm-up calls compile it).
     """
     label: str
     spec: ModelSpec

@@ -65,7 +65,7 @@ def create_model(spec: ModelSpec, size: Sequence[int]) -> nn.Module:
 def build_model(workload: Workload) -> nn.Module:
     """The variant's model at the workload's resolution, in eval (infer) or train mode, on its device and dtype:
     bf16 inference converts the weights, bf16 training keeps fp32 weights and runs under autocast. A compiled
-    variant is returned wrapped in ``torch.compile`` (compiled on its first call)."""
+    variant is returned wrapped in ``torch.compile(dynamic=False)`` (compiled on its first call)."""
     from ..layers import set_memory_lean
 
     model = create_model(workload.variant.spec, workload.size)
@@ -78,7 +78,9 @@ def build_model(workload: Workload) -> nn.Module:
     model.train(workload.mode == 'train')
     dtype = torch.bfloat16 if workload.dtype == 'bf16' and workload.mode == 'infer' else torch.float32
     model = model.to(device=workload.device, dtype=dtype)
-    return torch.compile(model) if workload.variant.compiled else model
+    # dynamic=False: each resolution compiled for itself (as a fixed-resolution deployment would), never the
+    # automatic dynamic-shape recompile that a second size would trigger
+    return torch.compile(model, dynamic=False) if workload.variant.compiled else model
 
 
 def _loss(output: Any, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.minibatch import ttt_scan
+from ..ops.minibatch import ttt_scan, ttt_scan_fused
 from ..ops.precision import in_float32
 from .grid import GridSize, map_to_tokens, tokens_to_map
 
@@ -71,6 +71,10 @@ def _scan(q, k, v, lr, state, *, kind, **kwargs):
     return ttt_scan(kind, q, k, v, lr, state, **kwargs)
 
 
+def _scan_fused(q, k, v, lr, state, *, kind, **kwargs):
+    return ttt_scan_fused(kind, q, k, v, lr, state, **kwargs)
+
+
 class VisionTTTMixer(nn.Module):
     """Token mixer ``[B, P + H·W, C] -> same`` (P prefix tokens first).
 
@@ -86,7 +90,14 @@ class VisionTTTMixer(nn.Module):
         share_state: all scans train the same learnable initial state (default: one each).
         learnable_lr: token-wise learnable inner lr (else the constant ``base_lr / d``).
         gate: output gate ``GELU(x W_g) ⊙ ·``.
+
+    ``fused`` (class attribute, instance-overridable): run all scans as one batched scan (the scans stacked along
+    the batch dimension with their initial states) through :func:`~vittt.ops.ttt_scan_fused`; ``False`` runs one
+    composable :func:`~vittt.ops.ttt_scan` per scan. Same function either way.
     """
+
+    #: all scans in one batched :func:`~vittt.ops.ttt_scan_fused`; False runs the composable per-scan path
+    fused: bool = True
 
     def __init__(self, dim: int, num_heads: int, *, inner: str = 'linear', inner_mlp_ratio: float = 4.0,
                  mini_batch_size: int = 64, causal: bool = False, share_qk: bool = True, qk_conv_kernel: int = 3,
@@ -136,32 +147,67 @@ class VisionTTTMixer(nn.Module):
         qk = self.qk(x) if hasattr(self, 'qk') else None
         q = self._conv(self.q_conv, qk if qk is not None else self.q(x), grid_size, num_prefix)
         k = self._conv(self.k_conv, qk if qk is not None else self.k(x), grid_size, num_prefix)
-        heads = lambda t: t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        q, k, v = heads(q), heads(k), heads(self.v(x))
-        if self.lr_proj is not None:
-            lr = (self.base_lr / self.head_dim) * torch.sigmoid(self.lr_proj(x)).transpose(1, 2)
+        if self.fused:
+            y = self._fused_scans(x, q, k, self.v(x), grid_size, num_prefix)
         else:
-            lr = q.new_full((b, self.num_heads, n), self.base_lr / self.head_dim)
-        outs = []
-        for i, order in enumerate(self.scans):
-            index = _scan_index(order, grid_size, num_prefix, x.device)
-            state = self.states[i % len(self.states)].tensors()
-            args = (q, k, v, lr) if index is None else (q[:, :, index], k[:, :, index], v[:, :, index], lr[..., index])
-            out = in_float32(_scan, args[0], *args[1:], state, kind=self.inner_kind, mini_batch_size=self.mini_batch_size,
-                             causal=self.causal, eps=self.inner_eps)
-            if index is not None:
-                out = torch.empty_like(out).index_copy_(2, index, out)  # back to [prefix, raster] order
-            outs.append(out.transpose(1, 2).reshape(b, n, c))
-        if self.merge == 'concat':
-            y = self.merge_proj(torch.cat(outs, dim=-1))
-        else:
-            y = torch.stack(outs).sum(0) if len(outs) > 1 else outs[0]
-            if self.merge == 'mean':
-                y = y / len(outs)
+            heads = lambda t: t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            q, k, v = heads(q), heads(k), heads(self.v(x))
+            if self.lr_proj is not None:
+                lr = (self.base_lr / self.head_dim) * torch.sigmoid(self.lr_proj(x)).transpose(1, 2)
+            else:
+                lr = q.new_full((b, self.num_heads, n), self.base_lr / self.head_dim)
+            outs = []
+            for i, order in enumerate(self.scans):
+                index = _scan_index(order, grid_size, num_prefix, x.device)
+                state = self.states[i % len(self.states)].tensors()
+                args = (q, k, v, lr) if index is None else (q[:, :, index], k[:, :, index], v[:, :, index],
+                                                            lr[..., index])
+                out = in_float32(_scan, args[0], *args[1:], state, kind=self.inner_kind,
+                                 mini_batch_size=self.mini_batch_size, causal=self.causal, eps=self.inner_eps)
+                if index is not None:
+                    out = torch.empty_like(out).index_copy_(2, index, out)  # back to [prefix, raster] order
+                outs.append(out.transpose(1, 2).reshape(b, n, c))
+            if self.merge == 'concat':
+                y = self.merge_proj(torch.cat(outs, dim=-1))
+            else:
+                y = torch.stack(outs).sum(0) if len(outs) > 1 else outs[0]
+                if self.merge == 'mean':
+                    y = y / len(outs)
         y = self.post_norm(y)
         if self.gate is not None:
             y = F.gelu(self.gate(x)) * y
         return self.proj(y)
+
+    def _fused_scans(self, x, q, k, v, grid_size: GridSize, num_prefix: int) -> torch.Tensor:
+        """The scans and their merge with all scans as one batched scan over ``S·B`` samples: sample ``s·B + i`` is
+        sample i's tokens in scan s's order, with scan s's initial state. ``x, q, k, v [B, N, C]`` -> ``[B, N, C]``."""
+        b, n, c = q.shape
+        s, h = len(self.scans), self.num_heads
+        raster = torch.arange(n, device=q.device)
+        orders = [_scan_index(order, grid_size, num_prefix, q.device) for order in self.scans]
+        orders = torch.stack([raster if index is None else index for index in orders])           # [S, N]
+        inverse = torch.empty_like(orders).scatter_(1, orders, raster.expand(s, n))               # raster -> scan pos
+        sample = torch.arange(b, device=q.device).view(1, b, 1) * n                              # row of token 0
+        rows = (orders[:, None] + sample).flatten()                      # [S·B·N] rows of [B·N, ·] in scan order
+        rows_back = (inverse[:, None] + sample + (torch.arange(s, device=q.device) * (b * n)).view(s, 1, 1)).flatten()
+        # [B, N, h·a] -> [S·B, h, N, a]: each scan's copy of the tokens in its order (a view of token-major rows)
+        gather = lambda t: t.reshape(b * n, -1).index_select(0, rows).view(s * b, n, h, -1).transpose(1, 2)
+        if self.lr_proj is not None:
+            lr = (self.base_lr / self.head_dim) * torch.sigmoid(self.lr_proj(x))                # [B, N, h]
+        else:
+            lr = q.new_full((b, n, h), self.base_lr / self.head_dim)
+        tensors = [self.states[i % len(self.states)].tensors() for i in range(s)]
+        state = {name: torch.stack([t[name] for t in tensors]).unsqueeze(1).expand(s, b, *tensors[0][name].shape)
+                 .reshape(s * b, *tensors[0][name].shape) for name in tensors[0]}                  # [S·B, h, ...]
+        out = in_float32(_scan_fused, gather(q), gather(k), gather(v), gather(lr)[..., 0], state,
+                         kind=self.inner_kind, mini_batch_size=self.mini_batch_size, causal=self.causal,
+                         eps=self.inner_eps)
+        # [S·B, h, N, d] (token-major memory) -> each scan's outputs in [prefix, raster] order, [S, B, N, C]
+        out = out.transpose(1, 2).reshape(s * b * n, c).index_select(0, rows_back).view(s, b, n, c)
+        if self.merge == 'concat':
+            return self.merge_proj(out.permute(1, 2, 0, 3).reshape(b, n, s * c))                 # = cat(outs, -1)
+        y = out.sum(0) if s > 1 else out[0]
+        return y / s if self.merge == 'mean' else y
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, inner={self.inner_kind}, '

@@ -6,4 +6,5 @@ from .inner_loss import INNER_LOSSES, DotProductLoss, InnerLoss, MSELoss, get_in
 from .normalize import soft_normalize
 from .swiglu import swiglu_inner, swiglu_inner_grads, swiglu_ttt
 from .swiglu_fused import swiglu_ttt_fused
-from .minibatch import gelu_grad, ln_l2_grad, minibatch_coefficients, ttt_linear_scan, ttt_mlp_scan, ttt_scan
+from .minibatch import (gelu_grad, ln_l2_grad, ln_l2_grad_parts, minibatch_coefficients, ttt_linear_scan, ttt_mlp_scan,
+                        ttt_scan, ttt_scan_fused)

@@ -23,6 +23,14 @@ Both carry the same state to the next mini-batch: ``S_k = S_(k-1) − Σ_j (lr_j
 The outputs are computed in the **dual form**: for a linear layer with input X, gradient G at its output,
 ``X_Q,i W_i = X_Q,i W − Σ_j A_ij (X_Q,i · X_j) G_j``, i.e. ``X_Q W − (A ⊙ X_Q Xᵀ) G`` (and ``b − A G``), so the
 per-token states are never formed; the state itself is only updated once per mini-batch (a scan over N/b steps).
+
+:func:`ttt_scan_fused` is the fast path of the same function. Without the causal rule every row of A is the same,
+``a_j = lr_j / b``, so ``(A ⊙ X_Q Xᵀ) G = X_Q Xᵀ (a ⊙ G)`` and every token of mini-batch k is served by the *same*
+state, the one left after it: ``X_Q W − X_Q Xᵀ (a ⊙ G) = X_Q W_k`` and ``b − A G = b_k`` (for TTT-MLP the same holds
+for each layer, the second layer's input being the first layer's output at ``S_k``). The sequential loop therefore
+only runs the K side (forward, LN-fused gradient, state update) and keeps each ``S_k``; the Q side is one batched
+matmul of all mini-batches' queries against the stacked states, then one LayerNorm over all tokens. With the causal
+rule the Q side is the dual form above, batched over all mini-batches after the loop the same way.
 """
 from __future__ import annotations
 
@@ -32,8 +40,8 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ln_l2_grad', 'layer_norm', 'gelu_grad', 'minibatch_coefficients', 'ttt_linear_scan', 'ttt_mlp_scan',
-           'ttt_scan']
+__all__ = ['ln_l2_grad', 'ln_l2_grad_parts', 'layer_norm', 'gelu_grad', 'minibatch_coefficients', 'ttt_linear_scan',
+           'ttt_mlp_scan', 'ttt_scan', 'ttt_scan_fused']
 
 
 def layer_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,12 +53,29 @@ def layer_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                eps: float) -> torch.Tensor:
     """``d/dz ½‖LN(z) − target‖²`` row-wise (LN over the last dim with affine ``weight, bias``)."""
+    root_d = math.sqrt(z.shape[-1])
+    u, r = ln_l2_grad_parts(z, weight * (bias - target), weight * weight * root_d, eps)
+    return u * (r * root_d)
+
+
+def ln_l2_grad_parts(z: torch.Tensor, c: torch.Tensor, w_sq: torch.Tensor, eps: float):
+    """:func:`ln_l2_grad` from pieces that do not depend on ``z`` (so callers can compute them once), in few passes.
+
+    Takes ``c = weight · (bias − target)`` and ``w_sq = weight² · √d``; returns ``(u, r)`` with ``ln_l2_grad =
+    u · r · √d`` (callers fold ``√d`` and any row scale into ``r``, a ``[..., 1]`` column).
+
+    With ``x̂ = (z − μ) · rstd`` and ``ĝ = dℓ/dx̂ = (weight · x̂ + bias − target) · weight = weight² x̂ + c``, the
+    gradient is ``(ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)) · rstd``. Here ``r = rstd / √d = 1 / √(Σ(z − μ)² + d · eps)`` and
+    ``x̃ = x̂ / √d``, so that ``u = ĝ − Σĝ / d − x̃ · Σ(ĝ x̃)``: only sums, no means (on CPU torch.var_mean is
+    ~10× and Tensor.mean ~1.5× slower than Tensor.sum).
+    """
     d = z.shape[-1]
-    mu = z.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + eps)
-    x_hat = (z - mu) * rstd
-    g_hat = (weight * x_hat + bias - target) * weight  # dℓ/dx̂
-    return (d * g_hat - g_hat.sum(-1, keepdim=True) - x_hat * (g_hat * x_hat).sum(-1, keepdim=True)) * rstd / d
+    centered = torch.sub(z, z.sum(-1, keepdim=True), alpha=1 / d)
+    r = torch.rsqrt(torch.linalg.vecdot(centered, centered).unsqueeze(-1) + d * eps)
+    x_t = centered * r                                                                        # x̂ / √d
+    g_hat = torch.addcmul(c, w_sq, x_t)
+    u = torch.sub(g_hat, g_hat.sum(-1, keepdim=True), alpha=1 / d)
+    return torch.addcmul(u, x_t, torch.linalg.vecdot(g_hat, x_t).unsqueeze(-1), value=-1), r
 
 
 def gelu_grad(z: torch.Tensor) -> torch.Tensor:
@@ -132,3 +157,194 @@ def ttt_scan(kind: str, *args, **kwargs) -> torch.Tensor:
     if kind == 'mlp':
         return ttt_mlp_scan(*args, **kwargs)
     raise ValueError(f"inner model must be 'linear' or 'mlp', got {kind!r}")
+
+
+# --------------------------------------------------------------------------- fast path
+
+
+def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """A per-head ``[h, r, c]`` (shared by all samples) or per-sample ``[B, h, r, c]`` state -> ``[B·h, r, c]``."""
+    if t.dim() == 3:
+        t = t.unsqueeze(0).expand(batch, *t.shape)
+    elif t.dim() != 4 or t.shape[0] != batch:
+        raise ValueError(f'state tensors must be [h, ...] or [B={batch}, h, ...], got {tuple(t.shape)}')
+    return t.reshape(-1, *t.shape[-2:])
+
+
+def _block_views(t: torch.Tensor, size: int, full: int) -> list:
+    """``[B, h, N, a]`` (any strides) -> views ``[the full whole mini-batches [K, B, h, b, a], the shorter last one
+    [B, h, r, a]]`` (the latter only if b does not divide N)."""
+    nf = full * size
+    views = [t[:, :, :nf].unflatten(2, (full, size)).permute(2, 0, 1, 3, 4)]
+    return views + [t[:, :, nf:]] if nf < t.shape[2] else views
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``[(K,) B, h, b, a]`` -> ``[(K,) B·h, b, a]`` (a copy, laid out mini-batch-major, unless it is one already)."""
+    return x.reshape(*x.shape[:-4], x.shape[-4] * x.shape[-3], *x.shape[-2:])
+
+
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    """``[x | 1]`` (contiguous): ``[x | 1] @ [W; b] = x W + b`` in one matmul, and ``b``'s update rides on ``W``'s."""
+    return torch.cat([x, x.new_ones(()).expand(*x.shape[:-1], 1)], dim=-1)
+
+
+class _States:
+    """The state before the first loop step and after each step, ``[steps + 1, ...]``: a list stacked at the end
+    under autograd; without autograd one preallocated stack that each step's update writes into (``out=``)."""
+
+    def __init__(self, initial: torch.Tensor, steps: int, track: bool):
+        self.track = track
+        if track:
+            self.items = [initial]
+        else:
+            self.items = initial.new_empty(steps + 1, *initial.shape)
+            self.items[0].copy_(initial)
+
+    def slot(self, i: int):
+        """``out=`` for the state after step i (None under autograd)."""
+        return None if self.track else self.items[i + 1]
+
+    def add(self, new: torch.Tensor) -> torch.Tensor:
+        if self.track:
+            self.items.append(new)
+        return new
+
+    def per_part(self, full: int, before: bool = False) -> list:
+        """The states that serve each part: ``[S_1..S_K of the whole mini-batches [K, ...], S_(K+1) of the last]``
+        (``before``: the states each mini-batch started from, ``S_0..``)."""
+        stacked = torch.stack(self.items) if self.track else self.items
+        first = 0 if before else 1
+        return [stacked[first:first + full]] + ([stacked[first + full]] if stacked.shape[0] > full + 1 else [])
+
+
+def _grouped(history: list, full: int) -> list:
+    """Per-step tensors -> ``[stacked over the whole mini-batches [K, ...], (the last shorter one's)]``."""
+    return [torch.stack(history[:full])] + history[full:]
+
+
+def _causal_dual(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, size: int, plus_one: bool = False) -> torch.Tensor:
+    """Causal dual-form correction ``(A' ⊙ X Yᵀ) G`` within each mini-batch, ``A'_ij = b · [j ≤ i] / (i + 1)`` (``G``
+    already carries ``η_j / b``); ``plus_one`` adds the bias term ``A' G`` (``X Yᵀ + 1``)."""
+    coef = minibatch_coefficients(size, True, x.device, x.dtype) * size
+    scores = x @ y.transpose(-2, -1)
+    return (coef * (scores + 1 if plus_one else scores)) @ g
+
+
+def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mini_batch_size: int,
+                   causal: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`ttt_scan` with far fewer, larger ops (the same function; see the module docstring).
+
+    ``q, k, v [B, h, N, d]`` (any strides), ``lr [B, h, N]``; every state tensor either per head ``[h, ...]`` (as
+    for :func:`ttt_scan`) or per sample ``[B, h, ...]``. The loop runs over mini-batches and does the K side only:
+    ``z = [K | 1] S`` (the bias rides on the weight as a last row), the LN-fused L2 gradient (:func:`ln_l2_grad_parts`;
+    the LN weight products and the per-token ``√d · η_j / b_k`` are computed once, before the loop),
+    ``S −= [K | 1]ᵀ (η/b ⊙ G)``. Each step reads its K, V slabs as views and builds ``[K | 1]`` and ``K − V`` from
+    them (two small ops on cache-resident data; as separate passes over all tokens they cost as much as they save, and
+    two more full-size temporaries). The Q side runs after the loop for all mini-batches at once: ``[Q | 1]`` laid out
+    mini-batch-major ``[K, B·h, b, d + 1]``, one batched matmul against the stacked states (causal: plus the batched
+    dual-form correction), one LayerNorm + residual; so all ``K + 1`` states are kept (autograd keeps them anyway;
+    without it this is the batched Q side's memory: ``(K + 1) · B·h · (d + 1) · d`` values for TTT-Linear).
+    Differentiable by autograd; without autograd the states are written straight into one preallocated stack and
+    the tail runs in place. Returns ``[B, h, N, d]``, a view of a token-major ``[B, N, h, d]`` tensor.
+    """
+    if kind not in ('linear', 'mlp'):
+        raise ValueError(f"inner model must be 'linear' or 'mlp', got {kind!r}")
+    if mini_batch_size < 1:
+        raise ValueError(f'mini_batch_size must be ≥ 1, got {mini_batch_size}')
+    bsz, heads, n, d = q.shape
+    size = min(mini_batch_size, n)
+    full = n // size
+    sizes = [size, n - full * size][:1 + (full * size < n)]                # whole mini-batches, the shorter last one
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, *state.values()))
+    root_d = math.sqrt(d)
+    ln_w, ln_b = _per_sample(state['ln_weight'], bsz), _per_sample(state['ln_bias'], bsz)  # [BH, 1, d]
+    w_sq, w_b = ln_w * ln_w * root_d, ln_w * ln_b
+    # each of these: [the whole mini-batches [K, B, h, b, ·], the shorter last one [B, h, r, ·]] (views)
+    k_blocks, v_blocks = _block_views(k, size, full), _block_views(v, size, full)
+    eta = [_flat(x * (root_d / m)) for x, m in zip(_block_views(lr.unsqueeze(-1), size, full), sizes)]  # √d η_j / b
+    steps = list(zip(k_blocks[0].unbind(0), v_blocks[0].unbind(0), eta[0].unbind(0)))
+    steps += list(zip(k_blocks[1:], v_blocks[1:], eta[1:]))
+    ones = q.new_ones(()).expand(bsz, heads, size, 1)
+    keys = []                                                               # [K | 1] per step (causal Q side only)
+
+    def k_side(k_i, v_i, eta_i):
+        """``[K | 1]`` ``[BH, b, d + 1]`` of one mini-batch and its gradient at the output z: ``grad(z) -> G``."""
+        xk = torch.cat([k_i, ones[:, :, :k_i.shape[2]]], dim=-1)
+        c = torch.addcmul(w_b, ln_w, _flat(xk[..., :d] - v_i))             # weight · (bias − target), target = V − K
+        xk = _flat(xk)
+        if causal:
+            keys.append(xk)
+
+        def grad(z):                                                        # (η_j / b) dℓ_j/dz_j
+            u, r = ln_l2_grad_parts(z, c, w_sq, eps)
+            return u * (r * eta_i)
+        return xk, grad
+
+    if kind == 'linear':
+        w = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)   # [BH, d + 1, d]
+        states, grads = _States(w, len(steps), track), []
+        for i, step in enumerate(steps):
+            xk, grad = k_side(*step)
+            g = grad(torch.bmm(xk, w))
+            if causal:
+                grads.append(g)
+            w = states.add(torch.baddbmm(w, xk.transpose(1, 2), g, alpha=-1, out=states.slot(i)))
+        xq = [_flat(_with_ones(x)) for x in _block_views(q, size, full)]   # [Q | 1]
+        if causal:
+            zq = [x @ w_p - _causal_dual(x, y, g_p, m) for x, y, w_p, g_p, m in
+                  zip(xq, _grouped(keys, full), states.per_part(full, before=True), _grouped(grads, full), sizes)]
+        else:
+            zq = [x @ w_p for x, w_p in zip(xq, states.per_part(full))]
+    else:
+        w1 = torch.cat([_per_sample(state['w1'], bsz), _per_sample(state['b1'], bsz)], dim=-2)  # [BH, d + 1, m]
+        w2, b2 = _per_sample(state['w2'], bsz), _per_sample(state['b2'], bsz)                  # [BH, m, d], [BH, 1, d]
+        states = [_States(t, len(steps), track) for t in (w1, w2, b2)]
+        grads1, grads2, hidden = [], [], []
+        for i, step in enumerate(steps):
+            xk, grad = k_side(*step)
+            z1 = torch.bmm(xk, w1)
+            x2 = F.gelu(z1)
+            g2 = grad(torch.baddbmm(b2, x2, w2))
+            g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, w2.transpose(1, 2)), z1)  # G2 W2ᵀ ⊙ GELU'(z1), one op
+            if causal:
+                grads1.append(g1)
+                grads2.append(g2)
+                hidden.append(x2)
+            w1 = states[0].add(torch.baddbmm(w1, xk.transpose(1, 2), g1, alpha=-1, out=states[0].slot(i)))
+            w2 = states[1].add(torch.baddbmm(w2, x2.transpose(1, 2), g2, alpha=-1, out=states[1].slot(i)))
+            b2 = states[2].add(torch.sub(b2, g2.sum(1, keepdim=True), out=states[2].slot(i)))
+        xq = [_flat(_with_ones(x)) for x in _block_views(q, size, full)]
+        w1s, w2s, b2s = (st.per_part(full, before=causal) for st in states)
+        if causal:
+            zq = []
+            for x, y, w1_p, w2_p, b2_p, g1_p, g2_p, x2_p, m in zip(
+                    xq, _grouped(keys, full), w1s, w2s, b2s, _grouped(grads1, full), _grouped(grads2, full),
+                    _grouped(hidden, full), sizes):
+                xq2 = F.gelu(x @ w1_p - _causal_dual(x, y, g1_p, m))
+                zq.append(xq2 @ w2_p + b2_p - _causal_dual(xq2, x2_p, g2_p, m, plus_one=True))
+        else:
+            zq = [F.gelu(x @ w1_p) @ w2_p + b2_p for x, w1_p, w2_p, b2_p in zip(xq, w1s, w2s, b2s)]
+    return _tail(zq, xq, ln_w, ln_b, eps, bsz, heads, size, track)
+
+
+def _tail(zq: list, xq: list, ln_w, ln_b, eps: float, bsz: int, heads: int, size: int, track: bool) -> torch.Tensor:
+    """``q + LN(z_q)`` of every part (``zq``: ``[K, B·h, b, d]`` and maybe ``[B·h, r, d]``; ``xq``: the parts'
+    ``[Q | 1]``), put back in token order: ``[B, h, N, d]``, a view of a token-major ``[B, N, h, d]`` tensor."""
+    d, full = ln_w.shape[-1], zq[0].shape[0]
+    nf = full * size
+    heads_apart = lambda t: t.unflatten(-3, (bsz, heads))                  # [..., B·h, b, ·] -> [..., B, h, b, ·]
+    if track:
+        outs = [heads_apart(torch.addcmul(ln_b, F.layer_norm(z, (d,), eps=eps), ln_w) + x[..., :d])
+                for z, x in zip(zq, xq)]
+        out = outs[0].permute(1, 0, 3, 2, 4).reshape(bsz, nf, heads, d)
+        return torch.cat([out, outs[1].transpose(1, 2)], dim=1).transpose(1, 2) if len(outs) > 1 else \
+            out.transpose(1, 2)
+    # no autograd: in place, the residual sum written straight into the token-major output
+    n = nf + (zq[1].shape[-2] if len(zq) > 1 else 0)
+    out = zq[0].new_empty(bsz, n, heads, d)
+    targets = [out[:, :nf].unflatten(1, (full, size)).permute(1, 0, 3, 2, 4), out[:, nf:].transpose(1, 2)]
+    for z, x, target in zip(zq, xq, targets):
+        y = F.layer_norm(z, (d,), eps=eps)
+        torch.add(heads_apart(torch.addcmul(ln_b, y, ln_w, out=y)), heads_apart(x[..., :d]), out=target)
+    return out.transpose(1, 2)
