@@ -4,28 +4,14 @@ import pytest
 import timm
 import torch
 
-from vittt.layers import DWConvInner, SwiGLUInner, set_memory_lean
+from vittt.layers import set_memory_lean
 
-from helpers import images
+from helpers import assert_fused_equals_composable, images, run_with_grads
 
 SMALL = {
     'vit3_tiny': dict(depth=2, embed_dim=48, num_heads=2),
     'hvit3_tiny': dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 64), num_heads=(1, 2, 2, 2)),
 }
-
-
-def _set_fused(model, fused):
-    for m in model.modules():
-        if isinstance(m, (SwiGLUInner, DWConvInner)):
-            m.fused = fused
-
-
-def _run(model, x, target, call=None):
-    """Forward (through ``call``, default the model itself) and backward; the output and the model's gradients."""
-    model.zero_grad(set_to_none=True)
-    out = (model if call is None else call)(x)
-    (out * target).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
@@ -36,14 +22,7 @@ def test_fast_path_equals_reference_path(name, size, dtype):
     model = timm.create_model(name, num_classes=7, **SMALL[name]).to(dtype)
     x = images(2, *size).to(dtype)
     target = torch.randn(2, 7, dtype=dtype)
-    fast_out, fast_grads = _run(model, x, target)
-    _set_fused(model, False)
-    ref_out, ref_grads = _run(model, x, target)
-    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fast_out, ref_out, **tol)
-    assert fast_grads.keys() == ref_grads.keys() and len(fast_grads) == len(list(model.parameters()))
-    for key in ref_grads:
-        torch.testing.assert_close(fast_grads[key], ref_grads[key], **tol, msg=lambda m: f'{key}: {m}')
+    assert_fused_equals_composable(model, x, target)
 
 
 @pytest.mark.parametrize('chunk_tokens', [1, 7, 64, 10_000])
@@ -104,9 +83,9 @@ def test_compile_fullgraph_fast_path():
     torch.manual_seed(0)
     model = timm.create_model('vit3_tiny', depth=1, embed_dim=32, num_heads=2, num_classes=5)
     x, target = images(2, 48, 64), torch.randn(2, 5)
-    eager_out, eager_grads = _run(model, x, target)
+    eager_out, eager_grads = run_with_grads(model, x, target)
     compiled = torch.compile(model, fullgraph=True)
-    out, grads = _run(model, x, target, call=compiled)
+    out, grads = run_with_grads(model, x, target, call=compiled)
     torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-5)
     for key in eager_grads:
         torch.testing.assert_close(grads[key], eager_grads[key], rtol=1e-4, atol=1e-5)

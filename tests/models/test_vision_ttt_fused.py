@@ -4,22 +4,7 @@ import pytest
 import timm  # (tests/conftest.py imports vittt first: it registers the models and must come before timm)
 import torch
 
-from vittt.layers import VisionTTTMixer
-from helpers import images
-
-
-def _set_fused(model, fused):
-    mixers = [m for m in model.modules() if isinstance(m, VisionTTTMixer)]
-    for m in mixers:
-        m.fused = fused
-    return len(mixers)
-
-
-def _run(model, x, target):
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    (out * target).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+from helpers import assert_fused_equals_composable, images, set_fused
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
@@ -35,12 +20,5 @@ def test_fused_equals_composable(config, size, dtype):
                               **dict(config, mixer_kwargs=mixer_kwargs)).to(dtype)
     x = images(2, *size).to(dtype)
     target = torch.randn(2, 7, dtype=dtype)
-    assert _set_fused(model, True) == 2
-    fast_out, fast_grads = _run(model, x, target)
-    _set_fused(model, False)
-    ref_out, ref_grads = _run(model, x, target)
-    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fast_out, ref_out, **tol)
-    assert fast_grads.keys() == ref_grads.keys() and len(fast_grads) == len(list(model.parameters()))
-    for key in ref_grads:
-        torch.testing.assert_close(fast_grads[key], ref_grads[key], **tol, msg=lambda m: f'{key}: {m}')
+    assert set_fused(model, True) == 2
+    assert_fused_equals_composable(model, x, target)

@@ -12,6 +12,7 @@ read the state after all patch tokens.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -65,14 +66,6 @@ def _scan_index(order: str, grid_size: GridSize, num_prefix: int, device) -> Opt
     if order in ('reverse', 'column_reverse'):
         raster = raster.flip(0)
     return torch.cat([raster + num_prefix, torch.arange(num_prefix, device=device)])
-
-
-def _scan(q, k, v, lr, state, *, kind, **kwargs):
-    return ttt_scan(kind, q, k, v, lr, state, **kwargs)
-
-
-def _scan_fused(q, k, v, lr, state, *, kind, **kwargs):
-    return ttt_scan_fused(kind, q, k, v, lr, state, **kwargs)
 
 
 class VisionTTTMixer(nn.Module):
@@ -162,7 +155,7 @@ class VisionTTTMixer(nn.Module):
                 state = self.states[i % len(self.states)].tensors()
                 args = (q, k, v, lr) if index is None else (q[:, :, index], k[:, :, index], v[:, :, index],
                                                             lr[..., index])
-                out = in_float32(_scan, args[0], *args[1:], state, kind=self.inner_kind,
+                out = in_float32(partial(ttt_scan, self.inner_kind), *args, state,
                                  mini_batch_size=self.mini_batch_size, causal=self.causal, eps=self.inner_eps)
                 if index is not None:
                     out = torch.empty_like(out).index_copy_(2, index, out)  # back to [prefix, raster] order
@@ -199,8 +192,8 @@ class VisionTTTMixer(nn.Module):
         tensors = [self.states[i % len(self.states)].tensors() for i in range(s)]
         state = {name: torch.stack([t[name] for t in tensors]).unsqueeze(1).expand(s, b, *tensors[0][name].shape)
                  .reshape(s * b, *tensors[0][name].shape) for name in tensors[0]}                  # [S·B, h, ...]
-        out = in_float32(_scan_fused, gather(q), gather(k), gather(v), gather(lr)[..., 0], state,
-                         kind=self.inner_kind, mini_batch_size=self.mini_batch_size, causal=self.causal,
+        out = in_float32(partial(ttt_scan_fused, self.inner_kind), gather(q), gather(k), gather(v), gather(lr)[..., 0],
+                         state, mini_batch_size=self.mini_batch_size, causal=self.causal,
                          eps=self.inner_eps)
         # [S·B, h, N, d] (token-major memory) -> each scan's outputs in [prefix, raster] order, [S, B, N, C]
         out = out.transpose(1, 2).reshape(s * b * n, c).index_select(0, rows_back).view(s, b, n, c)
