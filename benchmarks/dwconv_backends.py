@@ -6,7 +6,7 @@ For ViT³'s conv inner model (32 channels) at the shapes it meets (batch 1 at 22
 at 224², a batch of 8 at 448²) this times, interleaved, median of ``--rounds`` calls each:
 
 * ``grouped`` / ``shifted``: :func:`vittt.ops.dwconv_per_sample` (the per-sample kernel applied to the queries) and
-  :func:`vittt.ops.dwconv_inner_grad` (the kernel gradient) under each :func:`vittt.ops.set_dwconv_backend`;
+  :func:`vittt.ops.dwconv_inner_grad` (the kernel gradient) under each :func:`vittt.ops.dwconv_backend`;
 * ``im2col``: the other batch-independent formulation, ``F.unfold`` + one batched matmul over (sample, channel),
   which is not in the library because it is slower still on this CPU.
 
@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vittt.ops import dwconv_inner_grad, dwconv_per_sample, set_dwconv_backend
+from vittt.ops import dwconv_backend, dwconv_inner_grad, dwconv_per_sample
 
 SHAPES = [(1, 32, 14, 14), (1, 32, 78, 78), (32, 32, 14, 14), (8, 32, 28, 28)]
 
@@ -40,11 +40,8 @@ def _im2col_grad(k, e):
 
 def _with_backend(name, fn):
     def run(*args):
-        previous = set_dwconv_backend(name)
-        try:
+        with dwconv_backend(name):
             return fn(*args)
-        finally:
-            set_dwconv_backend(previous)
     return run
 
 

@@ -3,7 +3,8 @@ shifted products) give the same numbers, including the memory-lean mode's row ba
 import pytest
 import torch
 
-from vittt.ops import DWCONV_BACKENDS, dwconv_inner_grad, dwconv_per_sample, set_dwconv_backend
+import vittt.ops
+from vittt.ops import DWCONV_BACKENDS, dwconv_inner_grad, dwconv_per_sample, get_dwconv_backend
 from vittt.ops.reference import shifted_dwconv
 
 
@@ -51,10 +52,20 @@ def test_shifted_backward_equals_grouped(dwconv_backend):
 
 def test_backend_switch():
     assert DWCONV_BACKENDS == ('auto', 'grouped', 'shifted')
-    previous = set_dwconv_backend('shifted')
-    try:
-        assert set_dwconv_backend('grouped') == 'shifted'
+    assert get_dwconv_backend() == 'auto'
+    with vittt.ops.dwconv_backend('shifted') as name:
+        assert name == get_dwconv_backend() == 'shifted'
         with pytest.raises(ValueError, match=r"dwconv backend must be one of .*got 'im2col'"):
-            set_dwconv_backend('im2col')
-    finally:
-        set_dwconv_backend(previous)
+            with vittt.ops.dwconv_backend('im2col'):
+                pass
+        assert get_dwconv_backend() == 'shifted'  # a refused name changes nothing
+    assert get_dwconv_backend() == 'auto'
+    assert not hasattr(vittt.ops, 'set_dwconv_backend')  # the process-global switch is gone
+
+
+def test_fixture_switches_for_the_test(dwconv_backend):
+    """tests/conftest.py's fixture: each call holds for the rest of the test (teardown leaves them all)."""
+    dwconv_backend('grouped')
+    assert get_dwconv_backend() == 'grouped'
+    dwconv_backend('shifted')
+    assert get_dwconv_backend() == 'shifted'

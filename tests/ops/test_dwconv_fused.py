@@ -3,7 +3,7 @@ with the batch folded into conv groups and with the batch-independent shifted pr
 import pytest
 import torch
 
-from vittt.ops import DotProductLoss, dwconv_ttt_fused, set_dwconv_backend
+from vittt.ops import DotProductLoss, dwconv_ttt_fused
 from vittt.ops.reference import reference_dwconv_ttt
 
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-6)}

@@ -6,5 +6,6 @@ from .lean import DEFAULT_CHUNK_TOKENS, set_memory_lean
 from .inner import DWConvInner, InnerModel, SwiGLUInner, resolve_scale
 from .mlp import TokenMlp
 from .rope import RoPE2d, rope_2d_angles
+from .switches import SWITCHES, FastPathSettings, PerModule, fast_path, fast_path_settings, set_fast_path
 from .ttt import TTTMixer, vit3_inner_models
 from .vision_ttt import MERGE_RULES, SCAN_ORDERS, TTTInnerState, VisionTTTMixer

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .switches import set_fast_path
+
 __all__ = ['set_memory_lean', 'DEFAULT_CHUNK_TOKENS', 'Band', 'bands']
 
 DEFAULT_CHUNK_TOKENS = 1024
@@ -20,17 +22,13 @@ def set_memory_lean(model: nn.Module, enabled: bool = True, chunk_tokens: Option
     chunk by chunk, so peak activation memory no longer grows with several ``N × 4C`` tensors. The result equals the
     default mode's. It applies to inference (no autograd graph); with gradients enabled blocks run the default path.
 
-    Returns the number of blocks switched (0 when the model has no lean mode).
+    A thin call of ``vittt.set_fast_path(model, memory_lean=enabled, chunk_tokens=chunk_tokens)``, chunk_tokens
+    defaulting to :data:`DEFAULT_CHUNK_TOKENS` (see :mod:`vittt.layers.switches`: restoring the previous settings,
+    ``with vittt.fast_path(...)``). Returns the number of blocks switched (0 when the model has no lean mode).
     """
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise ValueError(f'chunk_tokens must be a positive number of tokens, got {chunk_tokens}')
-    count = 0
-    for module in model.modules():
-        if hasattr(module, 'memory_lean'):
-            module.memory_lean = bool(enabled)
-            module.chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
-            count += 1
-    return count
+    chunk_tokens = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    previous = set_fast_path(model, memory_lean=bool(enabled), chunk_tokens=chunk_tokens)
+    return previous.counts['memory_lean']
 
 
 class Band:

@@ -16,7 +16,9 @@ batch-independent formulation measured (k² shifted multiply-adds; im2col by ``u
 The ``'shifted'`` backend computes both without folding: the per-sample kernel as k² broadcast multiply-adds of
 shifted views, the gradient as k² products reduced over the map; nothing in it depends on B. ``'auto'`` (default)
 folds, except while ``torch.export`` / ``torch.onnx`` (dynamo) or ``torch.jit`` tracing captures the graph;
-:func:`set_dwconv_backend` picks one explicitly.
+``with dwconv_backend(name):`` picks one explicitly for the code inside (a :class:`contextvars.ContextVar`: scoped to
+the ``with`` block and the current thread / asyncio task, restored on exit); :func:`get_dwconv_backend` reads it.
+``torch.compile`` reads the backend once, when it traces a graph: the graph keeps the path it was traced with.
 The gradient is optionally soft-normalised over the k×k taps of each (sample, channel), the per-sample
 kernel ``W' = W - lr g`` is applied to Q.
 
@@ -31,6 +33,10 @@ composition keeps batch-folded copies of the maps and runs mkldnn's slow backwar
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -38,26 +44,43 @@ from ._capture import capturing_for_export
 from .inner_loss import InnerLoss
 from .normalize import inner_step, soft_normalize_backward
 
-__all__ = ['DWCONV_BACKENDS', 'dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt', 'dwconv_ttt_fused',
-           'set_dwconv_backend']
+__all__ = ['DWCONV_BACKENDS', 'dwconv_backend', 'dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt',
+           'dwconv_ttt_fused', 'get_dwconv_backend']
 
 DWCONV_BACKENDS = ('auto', 'grouped', 'shifted')
-_backend = 'auto'
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar('vittt_dwconv_backend', default='auto')
 
 
-def set_dwconv_backend(name: str) -> str:
-    """How per-sample depth-wise convolutions run (see the module docstring): ``'auto'``, ``'grouped'`` (fold the
-    batch into conv groups) or ``'shifted'`` (batch-independent). Returns the previous setting."""
-    global _backend
-    if name not in DWCONV_BACKENDS:
+def _check_backend(name) -> str:
+    if not isinstance(name, str) or name not in DWCONV_BACKENDS:
         raise ValueError(f'dwconv backend must be one of {DWCONV_BACKENDS}, got {name!r}')
-    previous, _backend = _backend, name
-    return previous
+    return name
+
+
+# torch.compile cannot trace ContextVar.get: it calls this once per traced graph and keeps the result
+@torch.compiler.assume_constant_result
+def get_dwconv_backend() -> str:
+    """The dwconv backend in effect here: ``'auto'`` (the default) unless inside ``with dwconv_backend(name):``."""
+    return _BACKEND.get()
+
+
+@contextlib.contextmanager
+def dwconv_backend(name: str) -> Iterator[str]:
+    """``with dwconv_backend(name):`` runs the per-sample depth-wise convolutions inside the block with ``name``
+    (see the module docstring): ``'auto'``, ``'grouped'`` (fold the batch into conv groups) or ``'shifted'``
+    (batch-independent). Scoped: it nests, is restored on exit (also on an exception), and other threads and
+    asyncio tasks keep their own setting. Yields ``name``; an unknown name raises a ValueError listing the choices."""
+    token = _BACKEND.set(_check_backend(name))
+    try:
+        yield name
+    finally:
+        _BACKEND.reset(token)
 
 
 def _folds_batch() -> bool:
-    if _backend != 'auto':
-        return _backend == 'grouped'
+    backend = get_dwconv_backend()
+    if backend != 'auto':
+        return backend == 'grouped'
     return not capturing_for_export()
 
 
