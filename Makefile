@@ -1,4 +1,4 @@
-.PHONY: help bootstrap demo test clean
+.PHONY: help bootstrap demo test lint clean
 
 # Extra arguments for pytest, e.g. make test PYTEST_ARGS="-k nms -x"
 PYTEST_ARGS ?=
@@ -6,6 +6,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - set up (scripts/bootstrap.sh), then train ViT³ and DeiT on Fashion-MNIST and write results/demo/report.md"
 	@echo "make test   - set up and run the test suite (extra pytest args: PYTEST_ARGS=...)"
+	@echo "make lint   - ruff (pyproject.toml [tool.ruff]: 120 columns)"
 	@echo "make clean  - remove .venv and caches"
 
 bootstrap:
@@ -16,6 +17,9 @@ demo: bootstrap
 
 test: bootstrap
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lint: bootstrap
+	.venv/bin/ruff check src tests benchmarks
 
 clean:
 	rm -rf .venv .pytest_cache build dist

@@ -5,7 +5,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 DEFAULT_MODELS = ('vit3_tiny', 'vit3_small', 'vit3_base', 'hvit3_tiny', 'hvit3_small', 'hvit3_base',
@@ -75,90 +74,79 @@ def cmd_convert(args) -> int:
     return 0
 
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
-
-
-def _recipe_from_args(args):
-    from .train import load_recipe, parse_overrides
+def _recipe_from_args(args, notes):
+    from .engine import find_recipe, load_recipe, parse_overrides
 
     overrides = parse_overrides(args.overrides)
     for key, value in (('model', args.model), ('epochs', args.epochs), ('img_size', args.img_size),
                        ('batch_size', args.batch_size), ('lr', args.lr), ('num_workers', args.workers)):
         if value is not None:
             overrides[key] = value
-    recipe_file = args.recipe
-    if recipe_file is None and (REPO_CONFIGS / f'{args.model}.yaml').is_file():
-        recipe_file = REPO_CONFIGS / f'{args.model}.yaml'
-    return load_recipe(recipe_file, overrides), recipe_file
+    task = overrides.get('task', 'classification')
+    source = args.recipe if args.recipe is not None else find_recipe(args.model, task)
+    return load_recipe(source, overrides, notes), source
 
 
-def cmd_train(args) -> int:
-    from .train import Trainer, init_distributed
+def cmd_recipes(args) -> int:
+    import yaml
+    from .engine import list_recipes
 
-    recipe, recipe_file = _recipe_from_args(args)
-    info = init_distributed(args.device)
-    if info.is_main:
-        print(f'vittt train: {recipe["model"]} on {args.data} -> {args.output} '
-              f'(recipe {recipe_file or "defaults"}, {info.world_size} process(es), {info.device})', flush=True)
-    from .data import build_datasets
-
-    train_set, val_set, num_classes = build_datasets(args.data, recipe)
-    trainer = Trainer(recipe, train_set, val_set, num_classes, args.output, info, resume=args.resume,
-                      progress=not args.no_progress)
-    trainer.fit()
+    rows = []
+    for name, resource in list_recipes().items():
+        data = yaml.safe_load(resource.read_text()) or {}
+        length = f'{data["steps"]} steps' if data.get('steps') else f'{data.get("epochs", "-")} epochs'
+        rows.append((name, data.get('task', 'classification'), str(data.get('model') or '(any)'), length,
+                     ' '.join(f'{k}={v}' for k, v in data.items() if k not in ('task', 'model', 'epochs', 'steps'))))
+    widths = [max(len(r[i]) for r in rows + [('recipe', 'task', 'model', 'length', '')]) for i in range(4)]
+    print('  '.join(h.ljust(w) for h, w in zip(('recipe', 'task', 'model', 'length'), widths)) + '  settings')
+    for r in rows:
+        settings = r[4] if len(r[4]) <= 70 else r[4][:67] + '...'
+        print('  '.join(c.ljust(w) for c, w in zip(r, widths)) + '  ' + settings)
+    print('\nvittt train --model M picks the recipe of M; --recipe NAME|FILE another; --print-recipe shows the result.')
     return 0
 
 
-def _load_for_eval(model_name: str, checkpoint: str, use_ema: bool, recipe):
-    import timm
-    from .models.official import check_state_dict, convert_official_state_dict, load_checkpoint_file
-    from .train import CHECKPOINT_FORMAT, build_model
+def cmd_train(args) -> int:
+    from .engine import init_distributed, recipe_yaml
 
-    raw = load_checkpoint_file(checkpoint)
-    if isinstance(raw, dict) and raw.get('format') == CHECKPOINT_FORMAT:
-        if raw['model_name'] != model_name:
-            raise ValueError(f'{checkpoint} holds a {raw["model_name"]}, not a {model_name}')
-        state = raw['ema'] if use_ema and raw.get('ema') is not None else raw['model']
-        train_recipe = dict(raw['recipe'], img_size=recipe['img_size'], drop_path=0.0, drop=0.0,
-                            grad_checkpointing=False)
-        model = build_model(train_recipe, raw['num_classes'])
-        recipe['in_chans'] = train_recipe['in_chans']
-    else:
-        state = convert_official_state_dict(raw, use_ema=use_ema)
-        num_classes = state['head.weight'].shape[0] if 'head.weight' in state else 1000
-        model = timm.create_model(model_name, num_classes=num_classes)
-    check_state_dict(state, model)
-    model.load_state_dict(state)
-    return model
+    notes = []
+    recipe, source = _recipe_from_args(args, notes)
+    if args.print_recipe:
+        print(f'# recipe {source or "defaults"} with overrides, resolved', *(f'# {n}' for n in notes), sep='\n')
+        print(recipe_yaml(recipe), end='')
+        return 0
+    if args.data is None or args.output is None or recipe['model'] is None:
+        raise ValueError('--model (unless the recipe names one), --data and --output are required (except with '
+                         '--print-recipe)')
+    info = init_distributed(args.device)
+    if info.is_main:
+        print(f'vittt train: {recipe["model"]} ({recipe["task"]}) on {args.data} -> {args.output} '
+              f'(recipe {source or "defaults"}, {info.world_size} process(es), {info.device})', flush=True)
+        for note in notes:
+            print(f'vittt train: {note}', flush=True)
+    if recipe['task'] != 'classification':
+        raise ValueError(f'vittt train runs classification recipes; {source} is a {recipe["task"]!r} recipe')
+    from .tasks.classification import train
+    train(recipe, args.data, args.output, info, resume=args.resume, progress=not args.no_progress)
+    return 0
 
 
 def cmd_eval(args) -> int:
-    from .data import build_datasets, first_n
-    from .io import atomic_write
-    from .train import evaluate, init_distributed
-    from .train.engine import eval_loader
-    from .train import load_recipe
+    from .engine import init_distributed
+    from .tasks.classification import evaluate_checkpoint
 
-    recipe = load_recipe(None, dict(model=args.model, img_size=args.img_size or 224))
-    if args.crop_pct is not None:
-        recipe['crop_pct'] = args.crop_pct
     info = init_distributed(args.device)
-    model = _load_for_eval(args.model, args.checkpoint, not args.no_ema, recipe).to(info.device)
-    _, val_set, _ = build_datasets(args.data, recipe, train=False)
-    val_set = first_n(val_set, args.subset)
-    metrics = evaluate(model, eval_loader(val_set, args.batch_size, args.workers, info), info)
-    result = dict(model=args.model, checkpoint=str(args.checkpoint), data=args.data, img_size=recipe['img_size'],
-                  crop_pct=recipe['crop_pct'], **metrics)
+    result = evaluate_checkpoint(args.model, args.checkpoint, args.data, info, img_size=args.img_size,
+                                 crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers,
+                                 subset=args.subset, use_ema=not args.no_ema, output=args.output)
     if info.is_main:
-        out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix('.eval.json')
-        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + '\n'))
-        print(f'top1 {metrics["top1"]:.2f}  top5 {metrics["top5"]:.2f}  loss {metrics["loss"]:.4f}  '
-              f'({metrics["count"]} images) -> {out}')
+        print(f'top1 {result["top1"]:.2f}  top5 {result["top5"]:.2f}  loss {result["loss"]:.4f}  '
+              f'({result["count"]} images, {result["img_size"]}px) -> {result["output"]}')
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .tasks.classification.demo import run_demo
     run_demo(args.output, epochs=args.epochs, train_subset=args.train_subset, workers=args.workers)
     return 0
 
@@ -199,12 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help='allow non-tensor Python objects in the file (only for files you trust)')
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser('recipes', help='list the recipes shipped in the package')
+    p.set_defaults(func=cmd_recipes)
+
     p = sub.add_parser('train', help='train a model (ours or timm\'s) with the papers\' recipe; works under torchrun')
-    p.add_argument('--model', required=True)
-    p.add_argument('--data', required=True, help="'fashion-mnist', a folder with train/ and val/ class folders, "
-                                                 "or a timm dataset name")
-    p.add_argument('--output', required=True, help='run folder: checkpoints, metrics, curves')
-    p.add_argument('--recipe', help='recipe YAML (default: configs/<model>.yaml when it exists, else the defaults)')
+    p.add_argument('--model', help='timm model name (default: the recipe\'s)')
+    p.add_argument('--data', help="'fashion-mnist', a folder with train/ and val/ class folders, "
+                                  "or a timm dataset name")
+    p.add_argument('--output', help='run folder: checkpoints, metrics, curves')
+    p.add_argument('--recipe', help='a shipped recipe name (vittt recipes) or a YAML file (default: the shipped recipe '
+                                    'of --model when there is one, else the defaults)')
+    p.add_argument('--print-recipe', action='store_true', help='print the resolved recipe and exit')
     p.add_argument('--epochs', type=int)
     p.add_argument('--img-size', type=int)
     p.add_argument('--batch-size', type=int, help='per process')
@@ -220,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', required=True)
     p.add_argument('--checkpoint', required=True, help='training checkpoint, official .pth, or .safetensors')
     p.add_argument('--data', required=True)
-    p.add_argument('--img-size', type=int, help='evaluation resolution (default 224)')
+    p.add_argument('--img-size', type=int, help='evaluation resolution (default: the training size of a vittt '
+                                                'checkpoint, else 224)')
     p.add_argument('--crop-pct', type=float, help='resize to img_size / crop_pct, then centre crop (default 0.875)')
     p.add_argument('--batch-size', type=int, default=100)
     p.add_argument('--workers', type=int, default=2)

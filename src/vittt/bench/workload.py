@@ -30,7 +30,8 @@ class Workload:
     def to_config(self, threads: int) -> Dict[str, Any]:
         """The JSON-able description the memory worker rebuilds the workload from."""
         return dict(label=self.variant.label, spec=self.variant.spec.text, attn=self.variant.attn,
-                    lean=self.variant.lean, compiled=self.variant.compiled, size=list(self.size), mode=self.mode, dtype=self.dtype,
+                    lean=self.variant.lean, compiled=self.variant.compiled, size=list(self.size), mode=self.mode,
+                    dtype=self.dtype,
                     batch_size=self.batch_size, device=self.device, threads=threads)
 
     @classmethod

@@ -1,37 +1,51 @@
-"""Loss and accuracy curves of a run (matplotlib, headless)."""
+"""Loss and metric curves of one or several runs (matplotlib, headless), against epoch or update."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-__all__ = ['plot_curves', 'plot_runs']
+__all__ = ['plot_runs']
+
+_METRIC_LABELS = {'top1': 'top-1 (%)'}
 
 
-def plot_runs(runs: Dict[str, Sequence[Dict]], path, title: Optional[str] = None) -> Path:
-    """One figure, two panels (loss; top-1) with a line per run and metric; written atomically as PNG."""
+def _x(history):
+    """Rows of epoch-based runs carry their epoch, rows of step-based runs only their update count (``step``)."""
+    key = 'epoch' if all('epoch' in r for r in history) else 'step'
+    return key, [r[key] for r in history]
+
+
+def plot_runs(runs: Dict[str, Sequence[Dict]], path, title: Optional[str] = None,
+              metric: Optional[str] = 'top1') -> Path:
+    """One figure, two panels (loss; ``metric`` and its EMA twin) with a line per run; written atomically as PNG."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     from ..io import atomic_write
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    xlabel = 'epoch'
     for name, history in runs.items():
-        epochs = [r['epoch'] for r in history]
+        if not history:
+            continue
+        xkey, xs = _x(history)
+        xlabel = xkey
         prefix = f'{name} ' if len(runs) > 1 else ''
-        ax_loss.plot(epochs, [r['train_loss'] for r in history], marker='o', label=f'{prefix}train')
-        val = [(r['epoch'], r['val_loss']) for r in history if 'val_loss' in r]
+        ax_loss.plot(xs, [r['train_loss'] for r in history], marker='o', label=f'{prefix}train')
+        val = [(r[xkey], r['val_loss']) for r in history if 'val_loss' in r]
         if val:
             ax_loss.plot(*zip(*val), marker='s', linestyle='--', label=f'{prefix}val')
-        acc = [(r['epoch'], r['top1']) for r in history if 'top1' in r]
-        if acc:
-            ax_acc.plot(*zip(*acc), marker='o', label=f'{prefix}top-1')
-        ema = [(r['epoch'], r['ema_top1']) for r in history if 'ema_top1' in r]
-        if ema:
-            ax_acc.plot(*zip(*ema), marker='^', linestyle=':', label=f'{prefix}EMA top-1')
-    ax_loss.set(xlabel='epoch', ylabel='loss', title='loss')
-    ax_acc.set(xlabel='epoch', ylabel='top-1 (%)', title='validation accuracy')
-    for ax in (ax_loss, ax_acc):
+        if metric:
+            points = [(r[xkey], r[metric]) for r in history if metric in r]
+            if points:
+                ax_metric.plot(*zip(*points), marker='o', label=f'{prefix}{metric}')
+            ema = [(r[xkey], r[f'ema_{metric}']) for r in history if f'ema_{metric}' in r]
+            if ema:
+                ax_metric.plot(*zip(*ema), marker='^', linestyle=':', label=f'{prefix}EMA {metric}')
+    ax_loss.set(xlabel=xlabel, ylabel='loss', title='loss')
+    ax_metric.set(xlabel=xlabel, ylabel=_METRIC_LABELS.get(metric, metric or ''), title='validation')
+    for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
@@ -42,7 +56,3 @@ def plot_runs(runs: Dict[str, Sequence[Dict]], path, title: Optional[str] = None
     atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
     plt.close(fig)
     return path
-
-
-def plot_curves(history: List[Dict], path, title: Optional[str] = None) -> Path:
-    return plot_runs({title or 'run': history}, path, title)

@@ -156,7 +156,8 @@ def _sized(kwargs: dict, mini_batch_size: int, **arch) -> dict:
 
 @register_model
 def vision_ttt_tiny(pretrained: bool = False, **kwargs) -> VisionTTT:
-    """Vittt-T: 192 wide, 12 blocks, 3 heads of 64, mini-batch 64 (FLOPs calibrated vs DeiT-T at 1280², docs/vision_ttt.md)."""
+    """Vittt-T: 192 wide, 12 blocks, 3 heads of 64, mini-batch 64 (FLOPs calibrated vs DeiT-T at 1280²,
+    docs/vision_ttt.md)."""
     return _create_vision_ttt('vision_ttt_tiny', pretrained,
                               **_sized(kwargs, 64, embed_dim=192, depth=12, num_heads=3))
 

@@ -12,7 +12,8 @@ computed as one grouped convolution whose kernel is E itself (faster on CPU than
 **Batch folding.** Every sample has its own kernel, so with B > 1 both convolutions fold the batch into the conv
 groups (``groups = B·C`` on a ``[1, B·C, H, W]`` view). On this CPU that is 1.2-2.7× faster than the best
 batch-independent formulation measured (k² shifted multiply-adds; im2col by ``unfold`` + bmm is slower still:
-``benchmarks/dwconv_backends.py``, docs/benchmarks.md), but the batch size becomes a conv attribute: ONNX's Conv has a static ``group``, so a dynamic-batch ONNX export fails on it.
+``benchmarks/dwconv_backends.py``, docs/benchmarks.md), but the batch size becomes a conv attribute: ONNX's Conv has
+a static ``group``, so a dynamic-batch ONNX export fails on it.
 The ``'shifted'`` backend computes both without folding: the per-sample kernel as k² broadcast multiply-adds of
 shifted views, the gradient as k² products reduced over the map; nothing in it depends on B. ``'auto'`` (default)
 folds, except while ``torch.export`` / ``torch.onnx`` (dynamo) or ``torch.jit`` tracing captures the graph;

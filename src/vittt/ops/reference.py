@@ -110,7 +110,8 @@ def reference_ttt_scan(kind: str, q, k, v, lr, state, *, mini_batch_size: int, c
                     size = end - start
                     grads = []
                     for j in range(start, end):
-                        leaves = {name: p if p.requires_grad else p.clone().requires_grad_() for name, p in params.items()}
+                        leaves = {name: p if p.requires_grad else p.clone().requires_grad_()
+                                  for name, p in params.items()}
                         loss = 0.5 * (_ln(_inner_pre(kind, k[bi, hi, j], leaves), ln_w, ln_b, eps)
                                       - (v[bi, hi, j] - k[bi, hi, j])).pow(2).sum()
                         grads.append(dict(zip(names, torch.autograd.grad(loss, [leaves[m] for m in names],
