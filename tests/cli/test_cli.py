@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from vittt.cli import main, parse_size
 
-GOLDEN = Path(__file__).parent.parent / 'data' / 'golden'
+GOLDEN = Path(__file__).parent.parent / 'fixtures' / 'golden'
 
 
 def test_parse_size():

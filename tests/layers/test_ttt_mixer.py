@@ -1,9 +1,11 @@
-"""The TTT mixer against a from-the-spec reference (A.2.9), RoPE against complex rotation, pluggable inner models."""
+"""The TTT mixer against a from-the-spec reference (A.2.9), RoPE against complex rotation, pluggable inner models,
+the inner update in float32 under autocast (ViT³ and Vision-TTT mixers), and what the Vision-TTT mixer's causal
+switch and mini-batches let a token read."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vittt.layers import DWConvInner, InnerModel, RoPE2d, SwiGLUInner, TTTMixer, rope_2d_angles
+from vittt.layers import DWConvInner, InnerModel, RoPE2d, SwiGLUInner, TTTMixer, VisionTTTMixer, rope_2d_angles
 from vittt.ops import DotProductLoss
 from vittt.ops.reference import reference_dwconv_ttt, reference_swiglu_ttt
 
@@ -128,3 +130,22 @@ def test_inner_update_runs_in_float32_under_autocast(make, monkeypatch):
     assert rel < 0.05, rel
     bf16 = mixer.to(torch.bfloat16)(x.to(torch.bfloat16), (6, 8))  # a whole bf16 model (no autocast) also works
     assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+
+
+def test_vision_ttt_mixer_causal_and_minibatch_dependence():
+    """On one forward scan without the Q/K convolution, token i's output reads only earlier mini-batches and
+    (causal) earlier tokens of its own, or (non-causal) its whole mini-batch."""
+    torch.manual_seed(0)
+    grid, n = (3, 4), 12
+    x = torch.randn(1, n, 32)
+    y = x.clone()
+    y[:, 6] += torch.randn(32)  # token 6 sits in mini-batch [4, 8)
+    for causal in (False, True):
+        torch.manual_seed(1)
+        mixer = VisionTTTMixer(32, 2, mini_batch_size=4, causal=causal, qk_conv_kernel=0, scans=('forward',)).eval()
+        with torch.no_grad():
+            diff = (mixer(x, grid) - mixer(y, grid)).abs().amax(dim=-1)[0]
+        assert torch.all(diff[:4] == 0), 'earlier mini-batches must not see a later token'
+        first_affected = 6 if causal else 4
+        assert torch.all(diff[:first_affected] == 0)
+        assert torch.all(diff[first_affected:] > 0), diff

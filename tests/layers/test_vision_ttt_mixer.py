@@ -87,7 +87,8 @@ def test_share_state_and_merge_switches():
 
 @pytest.mark.parametrize('kw,message', [
     (dict(scans=('diagonal',)), 'scans'), (dict(scans=()), 'scans'), (dict(merge='max'), 'merge'),
-    (dict(mini_batch_size=0), 'mini_batch_size'), (dict(mini_batch_size=4.5), 'integer'), (dict(qk_conv_kernel=4), 'odd'), (dict(inner='rnn'), "'linear'"),
+    (dict(mini_batch_size=0), 'mini_batch_size'), (dict(mini_batch_size=4.5), 'integer'),
+    (dict(qk_conv_kernel=4), 'odd'), (dict(inner='rnn'), "'linear'"),
 ])
 def test_bad_switches(kw, message):
     kw.setdefault('mini_batch_size', 4)

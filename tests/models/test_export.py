@@ -8,7 +8,6 @@ import torch
 from torch.export import Dim, export
 
 from test_fast_path import SMALL
-from helpers import images
 
 SIZE = (48, 80)
 DYNAMIC = {'x': {0: Dim('batch', min=1, max=64)}}
@@ -22,7 +21,7 @@ def _model(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(MODELS))
-def test_torch_export_dynamic_batch_equals_eager(name):
+def test_torch_export_dynamic_batch_equals_eager(name, images):
     model = _model(name)
     program = export(model, (images(2, *SIZE),), dynamic_shapes=DYNAMIC).module()
     with torch.no_grad():
@@ -31,15 +30,15 @@ def test_torch_export_dynamic_batch_equals_eager(name):
             torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def _onnx_export(model, path):
-    torch.onnx.export(model, (images(2, *SIZE),), str(path), dynamic_shapes=DYNAMIC, dynamo=True, verbose=False)
+def _onnx_export(model, path, example):
+    torch.onnx.export(model, (example,), str(path), dynamic_shapes=DYNAMIC, dynamo=True, verbose=False)
 
 
 @pytest.mark.slow
-def test_onnx_dynamic_batch_equals_eager(tmp_path):
+def test_onnx_dynamic_batch_equals_eager(tmp_path, images):
     ort = pytest.importorskip('onnxruntime')
     model = _model('vit3_tiny')
-    _onnx_export(model, tmp_path / 'vit3.onnx')
+    _onnx_export(model, tmp_path / 'vit3.onnx', images(2, *SIZE))
     session = ort.InferenceSession(str(tmp_path / 'vit3.onnx'))
     name = session.get_inputs()[0].name
     with torch.no_grad():
@@ -50,9 +49,9 @@ def test_onnx_dynamic_batch_equals_eager(tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_export_fails_with_batch_folding(tmp_path, dwconv_backend):
+def test_onnx_export_fails_with_batch_folding(tmp_path, dwconv_backend, images):
     """Why the batch-independent path exists: folded into conv groups, the batch would be an ONNX attribute."""
     pytest.importorskip('onnxruntime')
     dwconv_backend('grouped')
     with pytest.raises(Exception, match='conv2d'):
-        _onnx_export(_model('vit3_tiny'), tmp_path / 'folded.onnx')
+        _onnx_export(_model('vit3_tiny'), tmp_path / 'folded.onnx', images(2, *SIZE))

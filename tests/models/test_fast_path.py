@@ -6,7 +6,7 @@ import torch
 
 from vittt.layers import set_memory_lean
 
-from helpers import assert_fused_equals_composable, images, run_with_grads
+from helpers import assert_fused_equals_composable
 
 SMALL = {
     'vit3_tiny': dict(depth=2, embed_dim=48, num_heads=2),
@@ -17,7 +17,7 @@ SMALL = {
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize('size', [(64, 64), (48, 80), (33, 47)])
 @pytest.mark.parametrize('name', sorted(SMALL))
-def test_fast_path_equals_reference_path(name, size, dtype):
+def test_fast_path_equals_reference_path(name, size, dtype, images):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=7, **SMALL[name]).to(dtype)
     x = images(2, *size).to(dtype)
@@ -28,7 +28,7 @@ def test_fast_path_equals_reference_path(name, size, dtype):
 @pytest.mark.parametrize('chunk_tokens', [1, 7, 64, 10_000])
 @pytest.mark.parametrize('size', [(64, 64), (48, 80), (33, 47)])
 @pytest.mark.parametrize('name', sorted(SMALL))
-def test_memory_lean_equals_default(name, size, chunk_tokens):
+def test_memory_lean_equals_default(name, size, chunk_tokens, images):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=7, **SMALL[name]).eval()
     x = images(2, *size)
@@ -45,7 +45,7 @@ def test_memory_lean_equals_default(name, size, chunk_tokens):
 
 
 @pytest.mark.parametrize('inner_loss', ['mse', 'dot'])
-def test_memory_lean_with_other_settings(inner_loss):
+def test_memory_lean_with_other_settings(inner_loss, images):
     """Inner loss that needs the prediction, no gradient normalisation, another lr, float64."""
     torch.manual_seed(0)
     model = timm.create_model('vit3_tiny', depth=2, embed_dim=32, num_heads=2, num_classes=5,
@@ -57,7 +57,7 @@ def test_memory_lean_with_other_settings(inner_loss):
         torch.testing.assert_close(model(x), default, rtol=1e-10, atol=1e-12)
 
 
-def test_memory_lean_is_inference_only():
+def test_memory_lean_is_inference_only(images):
     """With autograd on, lean blocks run the default path, so training is unaffected (gradients exist)."""
     model = timm.create_model('vit3_tiny', **SMALL['vit3_tiny'])
     set_memory_lean(model, True, chunk_tokens=4)
@@ -76,7 +76,7 @@ def model_blocks(model):
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_fast_path():
+def test_compile_fullgraph_fast_path(images, run_with_grads):
     """torch.compile(fullgraph=True) traces the fused inner step (forward and hand-written backward) with no graph
     break, and matches eager outputs and parameter gradients."""
     torch._dynamo.reset()  # static shapes: earlier tests may have compiled these blocks at other sizes
@@ -93,7 +93,7 @@ def test_compile_fullgraph_fast_path():
 
 @pytest.mark.parametrize('chunk_tokens', [3, 1024])
 @pytest.mark.parametrize('name', sorted(SMALL))
-def test_inference_path_equals_autograd_path(name, chunk_tokens):
+def test_inference_path_equals_autograd_path(name, chunk_tokens, images):
     """Without autograd the blocks run the MLP in token bands and form residual sums in place: same numbers as the
     forward that records a graph (drop-path set but inactive in eval)."""
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from vittt.models import CheckpointError, HViT3, ViT3, convert_official_file, convert_official_state_dict
 from vittt.models.official import detect_official_variant, unwrap_state_dict
 
-GOLDEN = Path(__file__).parent.parent / 'data' / 'golden'
+GOLDEN = Path(__file__).parent.parent / 'fixtures' / 'golden'
 MICRO = {
     'vit3_micro': lambda: ViT3(img_size=64, embed_dim=64, depth=2, num_heads=2, num_classes=10),
     'hvit3_micro': lambda: HViT3(dims=(32, 64, 96, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), num_classes=10),

@@ -4,7 +4,7 @@ import pytest
 import timm  # (tests/conftest.py imports vittt first: it registers the models and must come before timm)
 import torch
 
-from helpers import assert_fused_equals_composable, images, set_fused
+from helpers import assert_fused_equals_composable, set_fused
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
@@ -13,7 +13,7 @@ from helpers import assert_fused_equals_composable, images, set_fused
     dict(), dict(global_pool='token'), dict(mixer_kwargs=dict(inner='mlp', inner_mlp_ratio=2.0, share_state=True)),
     dict(mixer_kwargs=dict(causal=True, scans=('forward', 'reverse', 'column', 'column_reverse'), merge='concat')),
 ], ids=['defaults', 'cls_token', 'mlp_shared', 'causal_4scans_concat'])
-def test_fused_equals_composable(config, size, dtype):
+def test_fused_equals_composable(config, size, dtype, images):
     torch.manual_seed(0)
     mixer_kwargs = dict(dict(mini_batch_size=5), **config.get('mixer_kwargs', {}))
     model = timm.create_model('vision_ttt_tiny', depth=2, embed_dim=32, num_heads=2, num_classes=7,

@@ -15,7 +15,7 @@ def _qkv(shape, seed=0):
     return [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3)]
 
 
-@pytest.mark.parametrize('loss', LOSSES, ids=lambda l: l.name)
+@pytest.mark.parametrize('loss', LOSSES, ids=lambda loss: loss.name)
 @pytest.mark.parametrize('shape', [(2, 3, 17, 8), (1, 2, 1, 4), (3, 1, 40, 16)])
 def test_swiglu_grads_equal_autograd(loss, shape):
     q, k, v = _qkv(shape)
@@ -28,7 +28,7 @@ def test_swiglu_grads_equal_autograd(loss, shape):
     torch.testing.assert_close(g12[..., d:], r2, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize('loss', LOSSES, ids=lambda l: l.name)
+@pytest.mark.parametrize('loss', LOSSES, ids=lambda loss: loss.name)
 @pytest.mark.parametrize('grid', [(5, 7), (1, 1), (4, 4), (2, 9)])
 def test_dwconv_grad_equals_autograd(loss, grid):
     q, k, v = _qkv((2, 6, *grid), seed=1)
@@ -58,7 +58,7 @@ def test_dot_loss_gradient_matches_spec_formula():
 
 
 @pytest.mark.parametrize('normalize', [True, False])
-@pytest.mark.parametrize('loss', LOSSES, ids=lambda l: l.name)
+@pytest.mark.parametrize('loss', LOSSES, ids=lambda loss: loss.name)
 def test_swiglu_step_and_outer_gradients_equal_reference(normalize, loss):
     q, k, v = _qkv((2, 2, 11, 8), seed=4)
     w1, w2 = (0.2 * torch.randn(1, 2, 8, 8, dtype=torch.float64)).requires_grad_(), \
@@ -78,7 +78,7 @@ def test_swiglu_step_and_outer_gradients_equal_reference(normalize, loss):
 
 
 @pytest.mark.parametrize('normalize', [True, False])
-@pytest.mark.parametrize('loss', LOSSES, ids=lambda l: l.name)
+@pytest.mark.parametrize('loss', LOSSES, ids=lambda loss: loss.name)
 def test_dwconv_step_and_outer_gradients_equal_reference(normalize, loss):
     q, k, v = _qkv((2, 4, 6, 5), seed=5)
     w = (0.2 * torch.randn(4, 1, 3, 3, dtype=torch.float64)).requires_grad_()

@@ -17,6 +17,7 @@ from timm.layers import DropPath, RmsNorm, SwiGLU
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers import GridSize, PatchEmbed, VisionTTTMixer
+from ..layers.vision_ttt import TTTInnerState
 from ._base import (ClassifierMixin, SingleGridMixin, check_images, create_model, init_weights, quarter_depth_indices,
                     run_block, vit3_pretrained_cfg)
 
@@ -105,6 +106,16 @@ class VisionTTT(ClassifierMixin, SingleGridMixin, nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x, grid
+
+    def no_weight_decay(self):
+        """The class token and the inner models' initial biases and LayerNorm affine parameters: biases and norm
+        parameters shaped ``[heads, 1, d]``, which timm's 1-D rule does not see. The initial weights W0 and the
+        convolution kernels are decayed, as ViT³'s recipe decays its W0 and CPE kernels."""
+        names = {'cls_token'} if self.cls_token is not None else set()
+        for name, module in self.named_modules():
+            if isinstance(module, TTTInnerState):
+                names |= {f'{name}.{p}' for p, _ in module.named_parameters(recurse=False) if not p.startswith('w')}
+        return names
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> normalised tokens ``[B, P + ceil(H/16)·ceil(W/16), C]``."""

@@ -97,6 +97,10 @@ def test_resume_errors(tmp_path):
     torch.save({'model': {}}, weights)
     with pytest.raises(CheckpointError, match='not a vittt training checkpoint'):
         _trainer(recipe, data, data, 4, tmp_path / 'b', resume=weights)
+    old = tmp_path / 'old.pth'
+    torch.save(dict(torch.load(ckpt, weights_only=True), format='vittt-train-1'), old)
+    with pytest.raises(CheckpointError, match=r"older vittt \(format 'vittt-train-1'\).*still evaluate"):
+        _trainer(recipe, data, data, 4, tmp_path / 'b', resume=old)
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):

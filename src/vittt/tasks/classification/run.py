@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ...engine import DistInfo, Trainer, eval_loader, load_training_checkpoint  # noqa: F401
-from ...engine.checkpoint import CHECKPOINT_FORMAT
+from ...engine.checkpoint import WEIGHT_FORMATS
 from .task import ClassificationTask, build_model, evaluate
 
 __all__ = ['train', 'load_for_eval', 'evaluate_checkpoint']
@@ -29,8 +29,8 @@ def load_for_eval(model_name: str, checkpoint, use_ema: bool = True, img_size: O
     from ...models.official import check_state_dict, convert_official_state_dict, load_checkpoint_file
 
     raw = load_checkpoint_file(checkpoint)
-    if isinstance(raw, dict) and raw.get('format') == CHECKPOINT_FORMAT:
-        identity = raw.get('identity', {})
+    if isinstance(raw, dict) and raw.get('format') in WEIGHT_FORMATS:
+        identity = raw.get('identity') or dict(model_name=raw.get('model_name'), num_classes=raw.get('num_classes'))
         if identity.get('model_name') != model_name:
             raise ValueError(f'{checkpoint} holds a {identity.get("model_name")}, not a {model_name}')
         state = raw['ema'] if use_ema and raw.get('ema') is not None else raw['model']

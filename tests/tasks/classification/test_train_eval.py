@@ -72,6 +72,20 @@ def test_train_then_eval_on_a_folder_dataset(tmp_path, capsys):
     assert result['top1'] == pytest.approx(rows[-1]['top1']) and result['loss'] == pytest.approx(rows[-1]['val_loss'])
 
 
+def test_train_and_eval_a_timm_model(tmp_path, capsys):
+    """A timm convnet (no img_size argument, no shipped recipe: the defaults, said on the start line)."""
+    data = _folder(tmp_path / 'data')
+    run = tmp_path / 'run'
+    assert main(['train', '--model', 'resnet10t', '--data', str(data), '--output', str(run), '--epochs', '1',
+                 '--img-size', '16', '--batch-size', '8', '--workers', '0', '--no-progress', 'mixup=0', 'cutmix=0',
+                 'auto_augment=null', 'warmup_epochs=0']) == 0
+    assert '(recipe defaults,' in capsys.readouterr().out
+    assert main(['eval', '--model', 'resnet10t', '--checkpoint', str(run / 'best.pth'), '--data', str(data),
+                 '--workers', '0']) == 0
+    result = json.loads((run / 'best.eval.json').read_text())
+    assert result['img_size'] == 16 and result['count'] == 24  # the training size, by default
+
+
 def test_clear_errors(tmp_path, capsys):
     assert main(['train', *MODEL, '--data', str(tmp_path / 'nowhere'), '--output', str(tmp_path / 'r')]) == 2
     assert 'nowhere' in capsys.readouterr().err
