@@ -3,13 +3,7 @@ gradient checkpointing, and the comparisons several modules make (``images`` liv
 import pytest
 import timm  # (tests/conftest.py imports vittt first: it registers the models and must come before timm)
 import torch
-
-
-def _run_with_grads(model, x, target, call=None):
-    model.zero_grad(set_to_none=True)
-    out = (model if call is None else call)(x)
-    (out * target).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+from helpers import run_with_grads as _run_with_grads  # one copy, also used by assert_fused_equals_composable
 
 
 @pytest.fixture(scope='session')
