@@ -9,7 +9,7 @@ formula, QKᵀ plus AV = 2·B·h·N²·d MACs, so DeiT is charged for attention 
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -34,8 +34,10 @@ def _custom_mapping():
 
 
 def count_macs(model: torch.nn.Module, input_size: Union[Sequence[int], Tuple[int, int, int]] = (3, 224, 224),
-               batch_size: int = 1) -> int:
-    """MACs of one forward pass of ``model`` on a ``[batch_size, *input_size]`` input (eval mode, no grad)."""
+               batch_size: int = 1, model_args: Optional[Callable[[torch.Tensor], tuple]] = None) -> int:
+    """MACs of one forward pass of ``model`` on a ``[batch_size, *input_size]`` input (eval mode, no grad).
+    ``model_args(x)`` gives the positional arguments of models that take more than the image (DiT: ``(x, t, y)``);
+    the model may live on the meta device."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else 'cpu'
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -45,8 +47,9 @@ def count_macs(model: torch.nn.Module, input_size: Union[Sequence[int], Tuple[in
         # shapes only: under FakeTensorMode no arithmetic runs, so large models and resolutions count in seconds
         with FakeTensorMode(allow_non_fake_inputs=True):
             x = torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+            args = model_args(x) if model_args is not None else (x,)
             with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
-                model(x)
+                model(*args)
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2

@@ -17,7 +17,12 @@ from .lean import DEFAULT_CHUNK_TOKENS, bands
 from .mlp import TokenMlp
 from .ttt import TTTMixer
 
-__all__ = ['TTTBlock']
+__all__ = ['TTTBlock', 'cpe_residual']
+
+
+def cpe_residual(cpe: nn.Conv2d, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+    """``x + DWConv3x3(x)`` on the token grid, summed in the convolution's fresh output (``x`` is left intact)."""
+    return map_to_tokens(cpe(tokens_to_map(x, grid_size))).add_(x)
 
 
 class TTTBlock(nn.Module):
@@ -50,7 +55,7 @@ class TTTBlock(nn.Module):
         # Each residual sum is formed in place in the branch's freshly made output (never in ``x``, which the
         # caller may keep): one large allocation less per branch. The producers (convolution, Linear, DropPath)
         # do not keep their outputs for backward, so this is autograd-safe.
-        x = map_to_tokens(self.cpe(tokens_to_map(x, grid_size))).add_(x)
+        x = cpe_residual(self.cpe, x, grid_size)
         if not torch.is_grad_enabled():
             if self.memory_lean and self.attn.supports_lean():
                 x += self.attn.forward_lean(x, grid_size, self.norm1, self.chunk_tokens)

@@ -21,7 +21,8 @@ import torch
 
 __all__ = ['CheckpointError', 'unwrap_state_dict', 'is_official_state_dict', 'convert_official_state_dict',
            'check_state_dict', 'checkpoint_filter_fn', 'load_checkpoint_file', 'detect_official_variant',
-           'convert_official_file', 'OFFICIAL_VARIANTS']
+           'convert_official_file', 'OFFICIAL_VARIANTS', 'is_dit_state_dict', 'dit_config_from_state_dict',
+           'convert_dit_state_dict', 'load_dit_checkpoint']
 
 
 class CheckpointError(ValueError):
@@ -33,7 +34,7 @@ _RENAMES = (
     (re.compile(r'\.attn\.w2$'), '.attn.inner.0.w2'),
     (re.compile(r'\.attn\.w3$'), '.attn.inner.1.weight'),
 )
-_WRAPPER_KEYS_EMA = ('state_dict_ema', 'model_ema')
+_WRAPPER_KEYS_EMA = ('state_dict_ema', 'model_ema', 'ema')
 _WRAPPER_KEYS = ('model', 'state_dict')
 
 # (family, width(s), depth(s), heads) -> registered name
@@ -137,7 +138,9 @@ def load_checkpoint_file(path, trust_pickle: bool = False):
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file
             return load_file(path)
-        return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+        import argparse  # DiT's train.py stores its arguments as a Namespace beside the tensors (harmless to load)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
     except Exception as e:
         if not trust_pickle and 'Unsupported global' in str(e):
             culprit = re.search(r'GLOBAL (\S+)', str(e))
@@ -187,7 +190,10 @@ def convert_official_file(src, dst, model_name: Optional[str] = None, *, use_ema
     import timm
     from ..io import save_safetensors_atomic
 
-    state_dict = convert_official_state_dict(load_checkpoint_file(src, trust_pickle), use_ema=use_ema)
+    raw = load_checkpoint_file(src, trust_pickle)
+    if is_dit_state_dict(unwrap_state_dict(raw, use_ema)):
+        return _convert_dit_file(raw, src, dst, model_name, use_ema, model_kwargs)
+    state_dict = convert_official_state_dict(raw, use_ema=use_ema)
     model_name = model_name or detect_official_variant(state_dict)
     if 'head.weight' in state_dict:
         model_kwargs.setdefault('num_classes', state_dict['head.weight'].shape[0])
@@ -196,3 +202,103 @@ def convert_official_file(src, dst, model_name: Optional[str] = None, *, use_ema
     save_safetensors_atomic(state_dict, dst, metadata={'model': model_name, 'source': os.path.basename(str(src)),
                                                        'format': 'vittt'})
     return model_name, len(state_dict)
+
+
+# ---------------------------------------------------------------------------------------------- DiT³ / DiT
+# Official DiT³ (LeapLabTHU/ViTTT dittt/) and facebookresearch/DiT checkpoints: the layout of vittt.models.dit3 but
+# for the three TTT inner renames above (DiT has none) and the fixed ``pos_embed`` table, which is checked against
+# the computed sin-cos table and dropped (ours is computed per grid).
+
+def is_dit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return 'x_embedder.proj.weight' in state_dict and 't_embedder.mlp.0.weight' in state_dict
+
+
+def dit_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, object]:
+    """Constructor arguments of :class:`~vittt.models.dit3.DiT3` read off a DiT³ / DiT state dict (official or
+    converted); ``num_heads`` of an attention DiT is taken from the matching named config (weights do not show it),
+    else D / 64 (72 for D = 1152)."""
+    from .dit3 import DIT_CONFIGS
+
+    if not is_dit_state_dict(state_dict):
+        raise CheckpointError('not a DiT³ / DiT checkpoint: no x_embedder.proj.weight / t_embedder.mlp.0.weight')
+    proj = state_dict['x_embedder.proj.weight']
+    dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    keys = list(state_dict)
+    depth = _count(r'blocks\.(\d+)\.', keys)
+    ttt = any(k.startswith('blocks.0.attn.') and k.endswith(('.w1', 'inner.0.w1')) for k in keys)
+    rows = state_dict['y_embedder.embedding_table.weight'].shape[0]
+    out = state_dict['final_layer.linear.weight'].shape[0]
+    learn_sigma = out == 2 * patch * patch * in_chans
+    if ttt:
+        w1 = state_dict.get('blocks.0.attn.w1', state_dict.get('blocks.0.attn.inner.0.w1'))
+        heads = w1.shape[1] if w1.ndim == 4 else w1.shape[0]
+    else:
+        named = [c for c in DIT_CONFIGS.values() if (c['embed_dim'], c['depth'], c['patch_size'], c['mixer'])
+                 == (dim, depth, patch, 'attention')]
+        heads = named[0]['num_heads'] if named else (16 if dim == 1152 else max(1, dim // 64))
+    config = dict(in_chans=in_chans, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                  learn_sigma=learn_sigma, mixer='ttt' if ttt else 'attention',
+                  cpe='blocks.0.cpe.weight' in state_dict)
+    # rows = num_classes + 1 with a null class (class_dropout_prob > 0); a table without one cannot be told apart
+    config.update(num_classes=rows - 1, class_dropout_prob=0.1)
+    return config
+
+
+def _check_pos_embed(value: torch.Tensor, dim: int) -> None:
+    from ..layers.adaln import sincos_2d
+
+    n = value.shape[-2]
+    grid = int(round(n ** 0.5))
+    if value.ndim != 3 or grid * grid != n or value.shape[-1] != dim:
+        raise CheckpointError(f'pos_embed: expected a square sin-cos table [1, N, {dim}], got {tuple(value.shape)}')
+    err = (value[0].float() - sincos_2d((grid, grid), dim)).abs().max().item()
+    if err > 1e-4:
+        raise CheckpointError(f'pos_embed: differs from the 2-D sin-cos table of a {grid}×{grid} grid by {err:.3g}; '
+                              f'this checkpoint was not made by the model vittt implements')
+
+
+def convert_dit_state_dict(checkpoint, model: Optional[torch.nn.Module] = None, *,
+                           use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """Official DiT³ / facebookresearch DiT checkpoint (plain, or ``{model, ema, opt, args}``; EMA preferred unless
+    ``use_ema=False``) -> vittt state dict: the TTT inner renames, ``pos_embed`` checked and dropped; checked
+    strictly against ``model`` when given."""
+    state_dict = unwrap_state_dict(checkpoint, use_ema)
+    out = {}
+    for key, value in state_dict.items():
+        if key == 'pos_embed':
+            _check_pos_embed(value, state_dict['x_embedder.proj.weight'].shape[0])
+            continue
+        for pattern, repl in _RENAMES:
+            key = pattern.sub(repl, key)
+        out[key] = value
+    if model is not None:
+        check_state_dict(out, model)
+    return out
+
+
+def load_dit_checkpoint(model: torch.nn.Module, checkpoint, use_ema: bool = True,
+                        trust_pickle: bool = False) -> torch.nn.Module:
+    """Load a DiT³ / DiT checkpoint (path, or an already-read dict) into ``model`` strictly."""
+    raw = load_checkpoint_file(checkpoint, trust_pickle) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    if isinstance(raw, Mapping) and raw.get('format') == 'vittt-train-2' and 'model' in raw:
+        raw = {'ema': raw['ema'], 'model': raw['model']} if raw.get('ema') is not None else raw['model']
+    model.load_state_dict(convert_dit_state_dict(raw, model, use_ema=use_ema))
+    return model
+
+
+def _convert_dit_file(raw, src, dst, model_name, use_ema, model_kwargs) -> Tuple[str, int]:
+    from ..io import save_safetensors_atomic
+    from .dit3 import DiT3, create_dit
+
+    state_dict = convert_dit_state_dict(raw, use_ema=use_ema)
+    config = dict(dit_config_from_state_dict(state_dict), **model_kwargs)
+    model = create_dit(model_name, **{k: v for k, v in config.items() if k not in (
+        'embed_dim', 'depth', 'num_heads', 'patch_size', 'mixer', 'cpe')}) if model_name else DiT3(**config)
+    check_state_dict(state_dict, model)
+    metadata = {'model': model_name or 'dit3', 'source': os.path.basename(str(src)), 'format': 'vittt',
+                'config': repr(sorted(config.items()))}
+    grid = unwrap_state_dict(raw, use_ema).get('pos_embed')
+    if grid is not None:
+        metadata['trained_grid'] = str(int(round(grid.shape[-2] ** 0.5)))
+    save_safetensors_atomic(state_dict, dst, metadata=metadata)
+    return model_name or f'{config["mixer"]} DiT (D={config["embed_dim"]}, depth {config["depth"]})', len(state_dict)
