@@ -24,28 +24,32 @@ def plot_runs(runs: Dict[str, Sequence[Dict]], path, title: Optional[str] = None
 
     from ..io import atomic_write
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     xlabel = 'epoch'
-    for name, history in runs.items():
+    for index, (name, history) in enumerate(runs.items()):
         if not history:
             continue
         xkey, xs = _x(history)
         xlabel = xkey
+        color = f'C{index % 10}'  # one colour per run: solid = train / metric, dashed = val, dotted = EMA
         prefix = f'{name} ' if len(runs) > 1 else ''
-        ax_loss.plot(xs, [r['train_loss'] for r in history], marker='o', label=f'{prefix}train')
+        ax_loss.plot(xs, [r['train_loss'] for r in history], marker='o', color=color, label=f'{prefix}train')
         val = [(r[xkey], r['val_loss']) for r in history if 'val_loss' in r]
         if val:
-            ax_loss.plot(*zip(*val), marker='s', linestyle='--', label=f'{prefix}val')
+            ax_loss.plot(*zip(*val), marker='s', linestyle='--', color=color, label=f'{prefix}val')
         if metric:
             points = [(r[xkey], r[metric]) for r in history if metric in r]
             if points:
-                ax_metric.plot(*zip(*points), marker='o', label=f'{prefix}{metric}')
+                ax_metric.plot(*zip(*points), marker='o', color=color, label=f'{prefix}{metric}')
             ema = [(r[xkey], r[f'ema_{metric}']) for r in history if f'ema_{metric}' in r]
             if ema:
-                ax_metric.plot(*zip(*ema), marker='^', linestyle=':', label=f'{prefix}EMA {metric}')
+                ax_metric.plot(*zip(*ema), marker='^', linestyle=':', color=color, label=f'{prefix}EMA {metric}')
     ax_loss.set(xlabel=xlabel, ylabel='loss', title='loss')
     ax_metric.set(xlabel=xlabel, ylabel=_METRIC_LABELS.get(metric, metric or ''), title='validation')
     for ax in (ax_loss, ax_metric):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()

@@ -10,7 +10,7 @@ def test_demo_writes_report_results_and_curves(tmp_path):
     saved = json.loads((tmp_path / 'results.json').read_text())
     for r in saved.values():
         assert r['epochs'] == 1 and r['test_images'] == 200 and 0 <= r['top1'] <= 100 and r['params'] > 0
-        assert r['train_images'] == 256 and r['updates'] == 256 // 64 and len(r['top1_per_epoch']) == 1
+        assert r['train_images'] == 256 and r['updates'] == 256 // 128 and len(r['top1_per_epoch']) == 1
         assert (tmp_path / r['model'] / 'last.pth').exists()
     assert saved['ViT³']['arch'] == saved['DeiT']['arch']  # same shape, same recipe
     report = (tmp_path / 'report.md').read_text()

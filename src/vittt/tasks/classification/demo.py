@@ -1,7 +1,7 @@
 """The README's main job: ViT³ against its DeiT baseline on the bundled Fashion-MNIST, same recipe and budget.
 
-Both models have the same shape (``model_kwargs`` of the shipped recipe ``fashion_mnist_demo``: patch 4 on 28×28
-grey images, 49 tokens), are trained with that one recipe for the same number of epochs and evaluated on the 10,000
+Both models have the same shape (``model_kwargs`` of the shipped recipe ``fashion_mnist_demo``: patch 7 on 28×28
+grey images, 16 tokens), are trained with that one recipe for the same number of epochs and evaluated on the 10,000
 test images; the report (Markdown table, per-epoch accuracy, curves) is written to the output folder.
 """
 from __future__ import annotations
@@ -65,6 +65,8 @@ def run_demo(output='results/demo', epochs: Optional[int] = None, train_subset: 
 
 
 def _report(results: Dict[str, Dict], recipe: Dict, total_seconds: float) -> str:
+    from ...engine import recipe_yaml
+
     first = next(iter(results.values()))
     vit3, deit = results.get('ViT³'), results.get('DeiT')
     lines = ['# Fashion-MNIST demo: ViT³ vs DeiT, same shape, recipe and budget', '',
@@ -89,7 +91,8 @@ def _report(results: Dict[str, Dict], recipe: Dict, total_seconds: float) -> str
                   f'({"+" if gap >= 0 else ""}{gap:.2f} points for ViT³), with ViT³ taking '
                   f'{vit3["train_seconds"] / deit["train_seconds"]:.2f}× DeiT\'s training time. The budget is small: '
                   f'both would gain from longer training.']
-    lines += ['', f'Recipe (`vittt train --recipe {DEMO_RECIPE} --model vit3_tiny --data fashion-mnist` reproduces '
-              f'one run): `{json.dumps({k: v for k, v in recipe.items() if k != "model"})}`', '',
-              '![curves](curves.png)', '']
+    lines += ['', '![curves](curves.png)', '',
+              f'`vittt train --recipe {DEMO_RECIPE} --model vit3_tiny --data fashion-mnist --output runs/demo` '
+              f'reproduces one run. The resolved recipe:', '', '```yaml',
+              recipe_yaml({k: v for k, v in recipe.items() if k != 'model'}).rstrip(), '```', '']
     return '\n'.join(lines)
