@@ -1,6 +1,10 @@
 """Import vittt before anything else: it makes the CUDA build of torchvision importable next to CPU torch,
-which timm needs (see vittt.compat)."""
-import vittt  # noqa: F401
+which timm needs (see vittt.compat). Nothing is fetched from the Hugging Face hub during tests."""
+import os
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import vittt  # noqa: E402,F401
 
 import contextlib  # noqa: E402
 
@@ -28,3 +32,25 @@ def images():
         return torch.randn(b, c, h, w)
 
     return make
+
+
+def _same_run(full, resumed):
+    """Two Trainers ended in the same state: model and EMA weights bit for bit, and every logged value but times."""
+    import json
+
+    import torch
+
+    pairs = [(full.model, resumed.model)] + ([(full.ema.module, resumed.ema.module)] if full.ema else [])
+    for a, b in pairs:
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ('time_s', 'train_img_s')} for r in rows]
+    assert strip(full.history) == strip(resumed.history)
+    on_disk = [json.loads(line) for line in (resumed.output / 'metrics.jsonl').read_text().splitlines()]
+    assert strip(on_disk) == strip(full.history)
+
+
+@pytest.fixture(scope='session')
+def assert_same_run():
+    """``assert_same_run(full, resumed)``: see :func:`_same_run` (the kill-and-resume tests of every task)."""
+    return _same_run

@@ -106,7 +106,8 @@ def cmd_recipes(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _start_training(args, command: str):
+    """The resolved recipe and the process group of a training command, or None after --print-recipe."""
     from .engine import init_distributed, recipe_yaml
 
     notes = []
@@ -114,18 +115,27 @@ def cmd_train(args) -> int:
     if args.print_recipe:
         print(f'# recipe {source or "defaults"} with overrides, resolved', *(f'# {n}' for n in notes), sep='\n')
         print(recipe_yaml(recipe), end='')
-        return 0
+        return None
     if args.data is None or args.output is None or recipe['model'] is None:
         raise ValueError('--model (unless the recipe names one), --data and --output are required (except with '
                          '--print-recipe)')
     info = init_distributed(args.device)
     if info.is_main:
-        print(f'vittt train: {recipe["model"]} ({recipe["task"]}) on {args.data} -> {args.output} '
+        print(f'{command}: {recipe["model"]} ({recipe["task"]}) on {args.data} -> {args.output} '
               f'(recipe {source or "defaults"}, {info.world_size} process(es), {info.device})', flush=True)
         for note in notes:
-            print(f'vittt train: {note}', flush=True)
+            print(f'{command}: {note}', flush=True)
+    return recipe, info
+
+
+def cmd_train(args) -> int:
+    started = _start_training(args, 'vittt train')
+    if started is None:
+        return 0
+    recipe, info = started
     if recipe['task'] != 'classification':
-        raise ValueError(f'vittt train runs classification recipes; {source} is a {recipe["task"]!r} recipe')
+        raise ValueError(f'vittt train runs classification recipes; this one is a {recipe["task"]!r} recipe '
+                         f'(vittt generate train runs generation recipes)')
     from .tasks.classification import train
     train(recipe, args.data, args.output, info, resume=args.resume, progress=not args.no_progress)
     return 0
@@ -148,6 +158,33 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .tasks.classification.demo import run_demo
     run_demo(args.output, epochs=args.epochs, train_subset=args.train_subset, workers=args.workers)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.action == 'train':
+        args.overrides = ['task=generation', *args.overrides]
+        if args.steps is not None:
+            args.overrides.append(f'steps={args.steps}')
+        if args.vae is not None:
+            args.overrides.append(f'vae={json.dumps(str(args.vae))}')
+        started = _start_training(args, 'vittt generate train')
+        if started is None:
+            return 0
+        recipe, info = started
+        if recipe['task'] != 'generation':
+            raise ValueError(f'vittt generate train runs generation recipes; this one is a {recipe["task"]!r} recipe')
+        from .tasks.generation import train
+        train(recipe, args.data, args.output, info, resume=args.resume, progress=not args.no_progress)
+        return 0
+    from .tasks.generation import sample_checkpoint
+    per_row = args.labels if args.labels else list(range(10))
+    labels = [y for _ in range(args.per_label) for y in per_row]  # one row per repeat, one column per label
+    sample_checkpoint(args.checkpoint, labels, args.out, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                      seed=args.seed, image_size=args.image_size, npz=args.npz, use_ema=not args.no_ema, vae=args.vae,
+                      device=args.device or 'cpu', nrow=len(per_row))
+    print(f'{len(labels)} samples ({args.sampler}, cfg {args.cfg_scale}) -> {args.out}'
+          + (f' and {args.npz}' if args.npz else ''))
     return 0
 
 
@@ -259,6 +296,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-time', action='store_true', help='skip timing (memory only)')
     p.add_argument('--output', default='results/bench', help='folder for bench.json, bench.md, bench.png')
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser('generate', help='DiT³ / DiT image generation: train (on the engine) or sample a checkpoint')
+    gen = p.add_subparsers(dest='action', required=True)
+    g = gen.add_parser('train', help='train a DiT³ / DiT (step-based, the official recipe by default)')
+    g.add_argument('--model', help='dit3_{s,b,l,xl}_{2,4,8} or dit_* (or DiTTT-B/2, DiT-B/2)')
+    g.add_argument('--data', help="'fashion-mnist' (pixel space, 32×32) or a folder with train/ (val/) classes")
+    g.add_argument('--output', help='run folder: checkpoints, metrics, curves, samples/')
+    g.add_argument('--recipe', help='a shipped recipe name (vittt recipes) or a YAML file')
+    g.add_argument('--print-recipe', action='store_true', help='print the resolved recipe and exit')
+    g.add_argument('--steps', type=int, help='optimizer updates')
+    g.add_argument('--vae', help='local AutoencoderKL folder: train in its latent space (default: pixel space)')
+    g.add_argument('--batch-size', type=int, help='per process')
+    g.add_argument('--lr', type=float)
+    g.add_argument('--workers', type=int)
+    g.add_argument('--resume', help='continue a run from its checkpoint (last.pth)')
+    g.add_argument('--device')
+    g.add_argument('--no-progress', action='store_true')
+    g.add_argument('overrides', nargs='*', metavar='key=value', help='override any recipe field')
+    g.set_defaults(func=cmd_generate, epochs=None, img_size=None)
+    g = gen.add_parser('sample', help='samples of a generation checkpoint as a PNG grid (and an ADM .npz)')
+    g.add_argument('--checkpoint', required=True, help='last.pth / best.pth of vittt generate train')
+    g.add_argument('--labels', type=int, nargs='*', help='class labels (default 0..9)')
+    g.add_argument('--per-label', type=int, default=1, help='samples per label (grid rows)')
+    g.add_argument('--cfg-scale', type=float, default=4.0, help='classifier-free guidance scale (1 = none)')
+    g.add_argument('--sampler', default='ddpm250', help='ddpm250 (official), ddimN, dpm++N')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--image-size', type=int, help='default: the training size (any multiple of the patch works)')
+    g.add_argument('--out', required=True, help='PNG grid')
+    g.add_argument('--npz', help='also write the samples as arr_0 NHWC uint8 (the ADM evaluator layout)')
+    g.add_argument('--vae', help='VAE folder (default: the one the run trained with)')
+    g.add_argument('--no-ema', action='store_true', help='the raw weights instead of the EMA')
+    g.add_argument('--device')
+    g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser('demo', help='Fashion-MNIST: ViT³ vs DeiT at equal recipe and budget, with a report')
     p.add_argument('--output', default='results/demo')

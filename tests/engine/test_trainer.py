@@ -1,6 +1,5 @@
 """The engine with a task that is not classification: the contract, step-based runs, best by a minimum, exact
 resume from a mid-epoch checkpoint, and the refusal messages."""
-import json
 
 import pytest
 import torch
@@ -68,7 +67,7 @@ def test_step_based_run_logs_every_eval_and_keeps_the_best_by_minimum(tmp_path):
 
 
 @pytest.mark.parametrize('workers', [0, 2])
-def test_resume_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_run(tmp_path, workers):
+def test_resume_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_run(tmp_path, workers, assert_same_run):
     data = NoisyRegression()
     recipe = _recipe(steps=22, checkpoint_every=3, num_workers=workers)  # 8 updates an epoch: 3, 6 | 9 ... mid-epoch
     full = Trainer(RegressionTask(recipe), data, data, tmp_path / 'full', progress=False)
@@ -94,13 +93,7 @@ def test_resume_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_run(tmp_pat
     resumed = Trainer(RegressionTask(recipe), data, data, tmp_path / 'run', resume=tmp_path / 'run' / 'last.pth',
                       progress=False)
     resumed.fit()
-    for a, b in ((full.model, resumed.model), (full.ema.module, resumed.ema.module)):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.equal(x, y), name
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ('time_s', 'train_img_s')} for r in rows]
-    assert strip(full.history) == strip(resumed.history)
-    on_disk = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-    assert strip(on_disk) == strip(full.history)
+    assert_same_run(full, resumed)
 
 
 def test_resume_refusals(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import torch
@@ -29,6 +30,8 @@ class StepContext:
     step: int                      #: updates done before this one
     ema: Optional[nn.Module]       #: the EMA model (eval mode) when the run keeps one
     autocast: Callable[[], AbstractContextManager]  #: the run's AMP context (a no-op without AMP)
+    output: Optional[Path] = None  #: the run folder (rank 0 writes there)
+    is_ema: bool = False           #: in ``evaluate``: whether the model evaluated is the EMA model
 
 
 class Task:

@@ -186,10 +186,10 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
-    def _context(self) -> StepContext:
+    def _context(self, is_ema: bool = False) -> StepContext:
         return StepContext(recipe=self.recipe, device=self.info.device, info=self.info, epoch=self.epoch,
                            step=self.num_updates, ema=self.ema.module if self.ema is not None else None,
-                           autocast=self._autocast)
+                           autocast=self._autocast, output=self.output, is_ema=is_ema)
 
     def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
         batch = self.recipe['batch_size']
@@ -228,10 +228,10 @@ class Trainer:
             window['sums'][key] = window['sums'].get(key, 0.0) + float(value)
 
     def _evaluate(self, row: Dict[str, Any]) -> None:
-        ctx = self._context()
         for prefix, model in (('', self.model), ('ema_', self.ema.module if self.ema is not None else None)):
             if model is None:
                 continue
+            ctx = self._context(is_ema=bool(prefix))
             was_training = model.training
             model.eval()
             with torch.no_grad(), self._autocast():

@@ -2,6 +2,6 @@
 
 Importing this package registers every task, so recipes can name them (``task: classification``).
 """
-from . import classification  # noqa: F401
+from . import classification, generation  # noqa: F401
 
-__all__ = ['classification']
+__all__ = ["classification", "generation"]
