@@ -177,6 +177,11 @@ def cmd_generate(args) -> int:
         from .tasks.generation import train
         train(recipe, args.data, args.output, info, resume=args.resume, progress=not args.no_progress)
         return 0
+    if args.action == 'demo':
+        from .tasks.generation.demo import run_generation_demo
+        run_generation_demo(args.output, steps=args.steps, samples=args.samples, sampler=args.sampler,
+                            quick=args.quick, progress=not args.no_progress)
+        return 0
     from .tasks.generation import sample_checkpoint
     per_row = args.labels if args.labels else list(range(10))
     labels = [y for _ in range(args.per_label) for y in per_row]  # one row per repeat, one column per label
@@ -328,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--vae', help='VAE folder (default: the one the run trained with)')
     g.add_argument('--no-ema', action='store_true', help='the raw weights instead of the EMA')
     g.add_argument('--device')
+    g.set_defaults(func=cmd_generate)
+    g = gen.add_parser('demo', help='Fashion-MNIST: pixel-space DiT³ vs DiT, same recipe and budget, with a report')
+    g.add_argument('--output', default='results/generate_demo')
+    g.add_argument('--steps', type=int, help='training steps per model (default: the recipe\'s)')
+    g.add_argument('--samples', type=int, default=1000, help='samples per model and guidance scale for the metrics')
+    g.add_argument('--sampler', default='ddim25')
+    g.add_argument('--quick', action='store_true', help='a smoke run: 3 steps, 20 samples, 2 sampler steps')
+    g.add_argument('--no-progress', action='store_true')
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser('demo', help='Fashion-MNIST: ViT³ vs DeiT at equal recipe and budget, with a report')

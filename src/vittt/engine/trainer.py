@@ -124,6 +124,7 @@ class Trainer:
         self.num_updates, self.best = 0, None
         self.log = MetricsLog(self.output, info.is_main)
         self._window = self._empty_window()
+        self._window_started = time.perf_counter()  # wall time is not resumed: times are excluded from exactness
         if resume:
             self._resume(resume)
         self.scheduler.step_update(self.num_updates)
@@ -239,7 +240,8 @@ class Trainer:
             model.train(was_training)
             row.update({f'{prefix}{k}': v for k, v in metrics.items()})
 
-    def _log_point(self, evaluate: bool, elapsed: float) -> None:
+    def _log_point(self, evaluate: bool) -> None:
+        elapsed = time.perf_counter() - self._window_started
         window = self._window
         keys = sorted(window['sums'])
         totals = all_reduce_sum([window['sums'][k] for k in keys] + [window['steps'], window['samples']], self.info)
@@ -252,6 +254,7 @@ class Trainer:
         if evaluate and self.val_loader is not None:
             self._evaluate(row)
         self._window = self._empty_window()
+        self._window_started = time.perf_counter()
         self.log.append(row, 'step' if self.step_based else 'epoch')
         if self.info.is_main:
             metric, improved = self.task.best_metric, False
@@ -277,22 +280,21 @@ class Trainer:
         if own_bar:
             bar = progress_bar(self.iters_per_epoch, f'epoch {epoch + 1}/{recipe["epochs"]}', True, initial=skip)
         self.ddp.train()
-        start = time.perf_counter()
         for batch in self._loader(epoch, skip):
             if self.num_updates >= self.total_updates:
                 break
             self._update(batch)
             if bar is not None:
                 sums, steps = self._window['sums'], self._window['steps']
-                rate = self._window['samples'] * self.info.world_size / max(time.perf_counter() - start, 1e-9)
+                seconds = max(time.perf_counter() - self._window_started, 1e-9)
+                rate = self._window['samples'] * self.info.world_size / seconds
                 bar.set_postfix(loss=f'{sums["loss"] / steps:.4f}', lr=f'{self.optimizer.param_groups[0]["lr"]:.2e}',
                                 img_s=f'{rate:.0f}')
                 bar.update()
             if self.step_based:
                 last = self.num_updates == self.total_updates
                 if self._due(recipe['eval_every']) or last:
-                    self._log_point(True, time.perf_counter() - start)
-                    start = time.perf_counter()
+                    self._log_point(True)
                     continue
             if self._due(recipe['checkpoint_every']) and self.num_updates % self.iters_per_epoch and \
                     self.info.is_main:
@@ -302,7 +304,7 @@ class Trainer:
         if not self.step_based and self.num_updates % self.iters_per_epoch == 0:
             done = self.epoch
             due = recipe['eval_every'] and done % recipe['eval_every'] == 0
-            self._log_point(due or done == recipe['epochs'], time.perf_counter() - start)
+            self._log_point(due or done == recipe['epochs'])
 
     def fit(self) -> List[Dict[str, Any]]:
         if self.info.is_main:

@@ -111,3 +111,16 @@ def test_generation_recipes(capsys):
     assert main(['generate', 'train', '--model', 'dit3_b_2', '--print-recipe', '--steps', '1000']) == 0
     printed = capsys.readouterr().out
     assert '# recipe imagenet256' in printed and 'steps: 1000' in printed
+
+
+def test_generate_demo_quick(tmp_path):
+    out = tmp_path / 'demo'
+    assert main(['generate', 'demo', '--quick', '--output', str(out), '--no-progress']) == 0
+    results = json.loads((out / 'results.json').read_text())
+    assert set(results['models']) == {'DiT³', 'DiT'} and results['meta']['quick'] is True
+    for r in results['models'].values():
+        assert r['steps'] == 3 and {'fd_cfg1', 'fd_cfg3', 'agreement_cfg1', 'agreement_cfg3'} <= set(r)
+        for cfg in ('1', '3'):
+            assert Image.open(out / f'grid_{r["model"]}_cfg{cfg}.png').size[0] == 10 * 32 + 11 * 2
+    report = (out / 'report.md').read_text()
+    assert '| DiT³ (`dit3_s_4`)' in report and '| DiT (`dit_s_4`)' in report and 'Noise floor' in report

@@ -50,14 +50,16 @@ def topk_metrics(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[float, fl
 @register_task
 class ClassificationTask(Task):
     """``recipe`` + the number of classes. Logs ``train_loss``; evaluates ``val_loss``, ``top1``, ``top5`` (%);
-    ``best.pth`` by top-1."""
+    ``best.pth`` by top-1. ``model_factory(num_classes)`` builds a model that is not a timm name (default:
+    ``timm.create_model(recipe['model'], ...)`` with the recipe's regularisation)."""
     name = 'classification'
     defaults = CLASSIFICATION_DEFAULTS
     best_metric, best_mode = 'top1', 'max'
     resume_keys = ('img_size',)
 
-    def __init__(self, recipe: Dict[str, Any], num_classes: int):
+    def __init__(self, recipe: Dict[str, Any], num_classes: int, model_factory=None):
         super().__init__(recipe)
+        self.model_factory = model_factory
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -74,6 +76,8 @@ class ClassificationTask(Task):
             self.criterion = nn.CrossEntropyLoss()
 
     def build_model(self) -> nn.Module:
+        if self.model_factory is not None:
+            return self.model_factory(self.num_classes)
         return build_model(self.recipe, self.num_classes)
 
     def identity(self) -> Dict[str, Any]:
