@@ -148,8 +148,7 @@ class Trainer:
                     epoch=self.epoch, num_updates=self.num_updates,
                     model=self.model.state_dict(), ema=self.ema.module.state_dict() if self.ema else None,
                     optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), history=self.history,
-                    best=self.best, window=self._window, rng=rng_state(), world_size=self.info.world_size,
-                    **self.task.identity())
+                    best=self.best, window=self._window, rng=rng_state(), world_size=self.info.world_size)
 
     def save(self, name: str) -> Path:
         return save_checkpoint(self._state(), self.output / name)
