@@ -54,3 +54,27 @@ def _same_run(full, resumed):
 def assert_same_run():
     """``assert_same_run(full, resumed)``: see :func:`_same_run` (the kill-and-resume tests of every task)."""
     return _same_run
+
+
+@pytest.fixture
+def free_port():
+    """A TCP port that was free a moment ago (torchrun's --master_port)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def tiny_vae():
+    """``make(folder, seed=0)``: a tiny diffusers AutoencoderKL (3 -> 4 latent channels, factor 2) saved to
+    ``folder`` with save_pretrained, as a user's local VAE folder; returns the folder."""
+    def make(folder, seed: int = 0):
+        import torch
+        from diffusers import AutoencoderKL
+        torch.manual_seed(seed)
+        AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
+                      up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 16), latent_channels=4,
+                      norm_num_groups=4, layers_per_block=1, sample_size=16).save_pretrained(folder)
+        return folder
+    return make

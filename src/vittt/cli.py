@@ -182,12 +182,38 @@ def cmd_generate(args) -> int:
         run_generation_demo(args.output, steps=args.steps, samples=args.samples, sampler=args.sampler,
                             quick=args.quick, progress=not args.no_progress)
         return 0
+    if args.action == 'cache':
+        from .tasks.generation.latents import write_latent_cache
+        meta = write_latent_cache(args.vae, args.data, args.output, image_size=args.image_size,
+                                  batch_size=args.batch_size, flips=not args.no_flip,
+                                  dtype='float16' if args.fp16 else 'float32', device=args.device or 'cpu',
+                                  progress=not args.no_progress)
+        print(f'latent cache of {args.data} ({", ".join(f"{k} {v}" for k, v in meta["splits"].items())} images, '
+              f'{meta["latent_channels"]}×{meta["latent_side"]}² latents, VAE {meta["vae_sha256"]}) -> {args.output}; '
+              f'train on it with --data {args.output} --vae {args.vae}')
+        return 0
+    if args.action == 'eval':
+        from .tasks.generation.run import evaluate_checkpoint
+        result = evaluate_checkpoint(args.checkpoint, samples=args.samples, cfg_scales=args.cfg_scale,
+                                     sampler=args.sampler, seed=args.seed, fid_weights=args.fid_weights,
+                                     reference=args.reference, use_ema=not args.no_ema, vae=args.vae,
+                                     device=args.device or 'cpu', output=args.output, batch_size=args.batch_size)
+        print(f'{args.checkpoint} (step {result["step"]}, {result["weights"]} weights): {args.samples} samples per '
+              f'scale, {args.sampler}, seed {args.seed}')
+        if 'fd_fmnist_floor' in result:
+            print(f'FD-FMNIST noise floor ({args.samples} real training images): {result["fd_fmnist_floor"]:.2f}')
+        for row in result['rows']:
+            print(f'  cfg {row["cfg_scale"]:g}: ' + ', '.join(
+                f'{key} {row[key]:.3f}' for key in ('fd_fmnist', 'label_agreement', 'classifier_score',
+                                                    'inception_fid') if key in row))
+        print(f'-> {result["output"]}')
+        return 0
     from .tasks.generation import sample_checkpoint
     per_row = args.labels if args.labels else list(range(10))
     labels = [y for _ in range(args.per_label) for y in per_row]  # one row per repeat, one column per label
     sample_checkpoint(args.checkpoint, labels, args.out, cfg_scale=args.cfg_scale, sampler=args.sampler,
                       seed=args.seed, image_size=args.image_size, npz=args.npz, use_ema=not args.no_ema, vae=args.vae,
-                      device=args.device or 'cpu', nrow=len(per_row))
+                      device=args.device or 'cpu', nrow=len(per_row), batch_size=args.batch_size)
     print(f'{len(labels)} samples ({args.sampler}, cfg {args.cfg_scale}) -> {args.out}'
           + (f' and {args.npz}' if args.npz else ''))
     return 0
@@ -267,16 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser('bench', help='latency, throughput and peak memory vs resolution, against a baseline',
-                       description='Benchmark models (timm names, optionally name:key=value,...) at several '
-                                   'resolutions: interleaved timing, peak memory per step in fresh processes, MACs, '
-                                   'speed-up and memory ratio vs a baseline, crossover resolution. Writes bench.json, '
+                       description='Benchmark models (timm names or DiT names such as dit3_b_2 / dit_b_2, '
+                                   'optionally name:key=value,...) at several image resolutions (a DiT runs on the '
+                                   '4-channel SD-VAE latent of that image, size / 8): interleaved timing, peak '
+                                   'memory per step in fresh processes, MACs, speed-up and memory ratio vs a '
+                                   'baseline, crossover resolution. Writes bench.json, '
                                    'bench.md and bench.png.')
     p.add_argument('--models', nargs='+', default=['vit3_tiny', 'deit_tiny_patch16_224'], metavar='SPEC',
                    help="timm model names, optionally with kwargs: 'vit3_tiny:depth=2,embed_dim=64'")
     p.add_argument('--sizes', nargs='+', type=parse_size, default=[(224, 224), (448, 448), (640, 640)],
                    metavar='HxW')
     p.add_argument('--mode', nargs='+', choices=['infer', 'train'], default=['infer'],
-                   help='infer: forward under inference_mode; train: forward, cross-entropy, backward')
+                   help='infer: forward under inference_mode; train: forward, cross-entropy (a DiT: mean square of '
+                        'its output), backward')
     p.add_argument('--dtype', nargs='+', choices=['fp32', 'bf16'], default=['fp32'],
                    help='bf16: bfloat16 weights for infer, autocast over fp32 weights for train')
     p.add_argument('--batch-size', type=int, default=1)
@@ -295,14 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help='add a <spec>+compile variant (torch.compile, static shapes) of every model; compiled in '
                         'its warm-up calls (at least one), CPU memory not measured (compilation would be in it)')
     p.add_argument('--baseline', metavar='LABEL',
-                   help='variant to compare against (default: the first deit* variant, else the first)')
+                   help='variant to compare against (default: the first deit* variant, else the first attention '
+                        'DiT (dit_*), else the first)')
     p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:N)')
     p.add_argument('--no-memory', action='store_true', help='skip peak-memory measurement')
     p.add_argument('--no-time', action='store_true', help='skip timing (memory only)')
     p.add_argument('--output', default='results/bench', help='folder for bench.json, bench.md, bench.png')
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser('generate', help='DiT³ / DiT image generation: train (on the engine) or sample a checkpoint')
+    p = sub.add_parser('generate', help='DiT³ / DiT image generation: train (on the engine), sample, evaluate, demo')
     gen = p.add_subparsers(dest='action', required=True)
     g = gen.add_parser('train', help='train a DiT³ / DiT (step-based, the official recipe by default)')
     g.add_argument('--model', help='dit3_{s,b,l,xl}_{2,4,8} or dit_* (or DiTTT-B/2, DiT-B/2)')
@@ -330,9 +360,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--image-size', type=int, help='default: the training size (any multiple of the patch works)')
     g.add_argument('--out', required=True, help='PNG grid')
     g.add_argument('--npz', help='also write the samples as arr_0 NHWC uint8 (the ADM evaluator layout)')
+    g.add_argument('--batch-size', type=int, help='sample in chunks of this many (chunk i seeded by (seed, i); '
+                                                  'default: one batch)')
     g.add_argument('--vae', help='VAE folder (default: the one the run trained with)')
     g.add_argument('--no-ema', action='store_true', help='the raw weights instead of the EMA')
     g.add_argument('--device')
+    g.set_defaults(func=cmd_generate)
+    g = gen.add_parser('cache', help='encode a dataset once with the VAE (a latent cache to train on)')
+    g.add_argument('--vae', required=True, help='local AutoencoderKL folder')
+    g.add_argument('--data', required=True, help="a folder with train/ (val/) class folders, or 'fashion-mnist'")
+    g.add_argument('--output', required=True, help='cache folder (then: generate train --data <it> --vae <vae>)')
+    g.add_argument('--image-size', type=int, default=256, help='ADM centre crop to this size before encoding')
+    g.add_argument('--batch-size', type=int, default=32)
+    g.add_argument('--no-flip', action='store_true', help='do not also encode mirrored images (then train hflip=0)')
+    g.add_argument('--fp16', action='store_true', help='store float16 (half the disk; not bit-exact to encoding)')
+    g.add_argument('--device')
+    g.add_argument('--no-progress', action='store_true')
+    g.set_defaults(func=cmd_generate)
+    g = gen.add_parser('eval', help='score a generation checkpoint: FD-FMNIST (+ floor), label agreement, '
+                                    'classifier score; Inception FID with local weights')
+    g.add_argument('--checkpoint', required=True, help='last.pth / best.pth of vittt generate train')
+    g.add_argument('--samples', type=int, default=1000, help='samples per guidance scale (labels balanced)')
+    g.add_argument('--cfg-scale', type=float, nargs='+', default=[1.0, 3.0], help='guidance scales (1 = none)')
+    g.add_argument('--sampler', default='ddim25', help='ddpm250 (official), ddimN, dpm++N')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--fid-weights', help='local Inception-v3 file for the standard FID (torch-fidelity\'s '
+                                         'pt_inception-2015-12-05-6726825d.pth; needs vittt[fid])')
+    g.add_argument('--reference', help="real images for Inception FID: 'fashion-mnist', a folder, or an ADM .npz "
+                                       "(default for Fashion-MNIST models: its test split)")
+    g.add_argument('--vae', help='VAE folder (default: the one the run trained with)')
+    g.add_argument('--no-ema', action='store_true', help='the raw weights instead of the EMA')
+    g.add_argument('--device')
+    g.add_argument('--output', help='metrics JSON (default: <checkpoint>.gen-eval.json)')
+    g.add_argument('--batch-size', type=int, default=100, help='samples per chunk (chunk i seeded by (seed, i))')
     g.set_defaults(func=cmd_generate)
     g = gen.add_parser('demo', help='Fashion-MNIST: pixel-space DiT³ vs DiT, same recipe and budget, with a report')
     g.add_argument('--output', default='results/generate_demo')

@@ -278,3 +278,48 @@ def test_compiled_workload_round_trip():
     again = Workload.from_config(workload.to_config(threads=1))
     assert again.variant.compiled and again.variant.label == f'{VIT3}+compile'
     assert isinstance(build_model(again), torch._dynamo.eval_frame.OptimizedModule)
+
+
+# --- DiT workloads ----------------------------------------------------------------------------------------------
+
+DIT3 = 'dit3_s_2:depth=1,embed_dim=48,num_heads=2'
+DIT = 'dit_s_2:depth=1,embed_dim=48,num_heads=2'
+
+
+def test_dit_workload_runs_on_the_latent_of_the_image_size():
+    from vittt.bench.workload import model_input
+    from vittt.models.dit3 import DiT3
+
+    variant = expand_variants(parse_model_spec(DIT3), 0, 0, ['fused'], lean=False)[0]
+    workload = Workload(variant, (64, 96), 'train', 'fp32', batch_size=2)
+    model = build_model(workload)
+    assert isinstance(model, DiT3)
+    shape, model_args = model_input(model, (64, 96))
+    assert shape == (4, 8, 12) and model_args is not None  # the SD-VAE latent: size / 8, 4 channels
+    make_step(model, workload)()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match='divisible by 8'):
+        model_input(model, (60, 64))
+
+
+def test_bench_dit_end_to_end(tmp_path, capsys):
+    """DiT³ against the attention DiT (the default baseline when there is no DeiT), MACs of the latent input."""
+    out = tmp_path / 'bench'
+    assert main(['bench', '--models', DIT3, DIT, '--sizes', '64', '128', '--repeats', '1', '--warmup', '0',
+                 '--mode', 'infer', 'train', '--threads', '1', '--no-memory', '--output', str(out)]) == 0
+    result = json.loads((out / 'bench.json').read_text())
+    assert result['settings']['baseline'] == DIT
+    macs = {(m['variant'], m['mode'], m['size'][0]): m['macs'] for m in result['measurements']}
+    from vittt.bench import count_macs
+    from vittt.models.dit3 import create_dit, dit_model_args
+    for spec, size in ((DIT3, 64), (DIT, 128)):
+        model = create_dit(spec.split(':')[0], depth=1, embed_dim=48, num_heads=2)
+        assert macs[spec, 'infer', size] == count_macs(model, (4, size // 8, size // 8), model_args=dit_model_args)
+    assert macs[DIT, 'infer', 128] > 4 * macs[DIT, 'infer', 64] * 0.99  # 4× the tokens, attention grows faster
+    assert {(r['variant'], r['mode']) for r in result['ratios']} == {(DIT3, 'infer'), (DIT3, 'train')}
+    assert all(r['speedup'] > 0 for r in result['ratios'])
+    assert main(['bench', '--models', 'dit3_q_2', '--sizes', '64', '--output', str(tmp_path / 'x')]) == 2
+    assert "unknown model 'dit3_q_2'" in capsys.readouterr().err
+    assert main(['bench', '--models', DIT3, '--sizes', '60', '--no-memory', '--output', str(tmp_path / 'x')]) == 2
+    assert 'divisible by 8' in capsys.readouterr().err
+    assert not (tmp_path / 'x').exists()

@@ -190,22 +190,12 @@ def test_errors():
     assert to_uint8(torch.tensor([-1.0, 0.0, 1.0, 2.0])).tolist() == [0, 128, 255, 255]
 
 
-def _tiny_vae(folder):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
-                        up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=4, layers_per_block=1, sample_size=16)
-    vae.save_pretrained(folder)
-    return vae
-
-
-def test_latent_path_with_a_tiny_local_vae(tmp_path):
+def test_latent_path_with_a_tiny_local_vae(tmp_path, tiny_vae):
     """A tiny AutoencoderKL saved to a folder: load it, encode grey images, two training steps of a DiT³ in its latent
     space with the hybrid loss, sample and decode; everything seeded."""
     from vittt.diffusion.vae import decode, encode, latent_scale, load_vae
 
-    _tiny_vae(tmp_path / 'vae')
+    tiny_vae(tmp_path / 'vae')
     vae = load_vae(tmp_path / 'vae')
     scale = latent_scale(vae)
     assert scale == pytest.approx(0.18215) and latent_scale(vae, 0.5) == 0.5

@@ -210,11 +210,17 @@ def test_params_and_macs_at_latent_32_match_the_official_models(name, params_m, 
     assert count_macs(model, (4, 32, 32), model_args=dit_model_args) / 1e9 == pytest.approx(gmacs, rel=2e-3)
 
 
-def test_large_configs_params():
-    from vittt.bench import count_params
+@pytest.mark.parametrize('name, params_m, gmacs', [
+    ('dit3_l_2', 467.5, 81.56), ('dit3_l_4', 467.7, 20.52), ('dit3_l_8', 468.3, 5.25),
+    ('dit3_xl_2', 689.1, 120.42), ('dit3_xl_4', 689.3, 30.29), ('dit3_xl_8', 689.9, 7.75),
+    ('dit_xl_2', 674.8, 118.6)])
+def test_large_configs_params_and_macs(name, params_m, gmacs):
+    """Spec §1.9 (L / XL counted on the official models on the meta device; DiT-XL/2: the DiT paper's 118.6 G)."""
+    from vittt.bench import count_macs, count_params
     with torch.device('meta'):
-        assert count_params(create_dit('dit3_l_2')) / 1e6 == pytest.approx(467.5, abs=0.06)
-        assert count_params(create_dit('dit3_xl_2')) / 1e6 == pytest.approx(689.1, abs=0.06)
+        model = create_dit(name)
+    assert count_params(model) / 1e6 == pytest.approx(params_m, abs=0.06 if name.startswith('dit3') else 0.6)
+    assert count_macs(model, (4, 32, 32), model_args=dit_model_args) / 1e9 == pytest.approx(gmacs, rel=3e-3)
 
 
 def test_converted_golden_round_trip(tmp_path):

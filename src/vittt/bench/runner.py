@@ -18,7 +18,7 @@ import torch
 from .flops import count_macs, count_params
 from .report import compute_crossovers, compute_ratios
 from .spec import ATTN_MODES, Variant, check_model_name, expand_variants, parse_model_spec, probe_model, tokens
-from .workload import DTYPES, MODES, Workload, build_model, create_model, make_step, synchronize
+from .workload import DTYPES, MODES, Workload, build_model, create_model, make_step, model_input, synchronize
 
 __all__ = ['BenchSettings', 'run_bench', 'build_variants', 'resolve_baseline', 'matmul_throughput',
            'machine_info', 'SCHEMA']
@@ -93,6 +93,8 @@ def build_variants(settings: BenchSettings, log: Log = _stderr) -> Tuple[List[Va
     variants, params = [], {}
     for spec in specs:
         model = create_model(spec, settings.sizes[0])
+        for size in {*settings.sizes_for('infer'), *settings.sizes_for('train')}:
+            model_input(model, size)  # a DiT refuses image sizes without a whole latent
         attention, lean_blocks = probe_model(model)
         for variant in expand_variants(spec, attention, lean_blocks, settings.attn, settings.lean, settings.compile):
             variants.append(variant)
@@ -109,14 +111,20 @@ def build_variants(settings: BenchSettings, log: Log = _stderr) -> Tuple[List[Va
 
 
 def resolve_baseline(variants: Sequence[Variant], baseline: Optional[str]) -> str:
-    """The baseline's label: the one asked for, else the first DeiT variant, else the first variant."""
+    """The baseline's label: the one asked for, else the first DeiT variant, else the first attention DiT, else the
+    first variant."""
     labels = [v.label for v in variants]
     if baseline is not None:
         if baseline not in labels:
             raise ValueError(f'--baseline {baseline!r} is not among the variants: {", ".join(labels)}')
         return baseline
+    from .workload import is_dit_name
+
     deit = [v.label for v in variants if v.spec.name.startswith('deit')]
-    return deit[0] if deit else labels[0]
+    # the attention DiT (dit_*, DiT-*) for DiT³ runs
+    dit = [v.label for v in variants
+           if is_dit_name(v.spec.name) and not v.spec.name.lower().startswith(('dit3', 'dittt'))]
+    return deit[0] if deit else dit[0] if dit else labels[0]
 
 
 def matmul_throughput(dtype: str, device: str, n: Optional[int] = None, repeats: int = 5) -> Dict[str, Any]:
@@ -243,7 +251,8 @@ def _measure_memory(workload: Workload, threads: int) -> Dict[str, Any]:
 
 def _count_macs(variant: Variant, size: Tuple[int, int], batch_size: int) -> Optional[int]:
     model = build_model(Workload(variant, size, 'infer', 'fp32', batch_size, 'cpu'))
-    return count_macs(model, (3, *size), batch_size)
+    shape, model_args = model_input(model, size)
+    return count_macs(model, shape, batch_size, model_args=model_args)
 
 
 def _measure_point(workloads: Sequence[Workload], settings: BenchSettings, threads: int,

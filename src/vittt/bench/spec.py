@@ -98,10 +98,12 @@ def parse_model_spec(text: str) -> ModelSpec:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ValueError naming close matches when timm does not know ``name``."""
+    """Raise ValueError naming close matches when neither timm nor ``vittt.create_dit`` knows ``name``."""
     import timm
 
-    if timm.is_model(name):
+    from .workload import is_dit_name
+
+    if timm.is_model(name) or is_dit_name(name):
         return
     base = name.split('.')[0]
     matches = timm.list_models(f'*{base}*')

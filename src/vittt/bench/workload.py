@@ -10,11 +10,39 @@ from torch import nn
 
 from .spec import ModelSpec, Variant, parse_model_spec
 
-__all__ = ['MODES', 'DTYPES', 'Workload', 'create_model', 'build_model', 'make_step', 'synchronize']
+__all__ = ['MODES', 'DTYPES', 'Workload', 'create_model', 'build_model', 'make_step', 'synchronize', 'is_dit_name',
+           'model_input']
 
 MODES = ('infer', 'train')
 DTYPES = ('fp32', 'bf16')
 SEED = 0
+#: DiT / DiT³ run on SD-VAE latents: a benchmark size is the image size, the model sees ``size / 8``
+LATENT_FACTOR = 8
+
+
+def is_dit_name(name: str) -> bool:
+    """Whether ``name`` is a ``vittt.create_dit`` model (``dit3_b_2``, ``DiT-B/2``, ...) rather than a timm one."""
+    from ..models.dit3 import resolve_dit_name
+    try:
+        resolve_dit_name(name)
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+def model_input(model: nn.Module, size: Sequence[int]) -> Tuple[Tuple[int, int, int], Any]:
+    """``((C, H, W), model_args)`` of one benchmarked sample at image size ``size``: ``(3, h, w)`` and no extra
+    arguments for classifiers; for a DiT the latent ``(in_chans, h / 8, w / 8)`` and ``dit_model_args`` (t = 500,
+    class 0), because DiT³'s workload is the SD-VAE latent of a ``size`` image."""
+    from ..models.dit3 import DiT3, dit_model_args
+
+    h, w = size
+    if isinstance(model, DiT3):
+        if h % LATENT_FACTOR or w % LATENT_FACTOR:
+            raise ValueError(f'DiT benchmarks take image sizes divisible by {LATENT_FACTOR} (the SD-VAE latent is '
+                             f'size / {LATENT_FACTOR}), got {h}x{w}')
+        return (model.in_chans, h // LATENT_FACTOR, w // LATENT_FACTOR), dit_model_args
+    return (3, h, w), None
 
 
 @dataclass
@@ -49,6 +77,13 @@ def create_model(spec: ModelSpec, size: Sequence[int]) -> nn.Module:
     import timm
 
     kwargs = dict(spec.kwargs)
+    if is_dit_name(spec.name):
+        from ..models.dit3 import create_dit
+        torch.manual_seed(SEED)
+        try:
+            return create_dit(spec.name, **kwargs)
+        except TypeError as e:
+            raise ValueError(f'{spec.text}: {e}') from None
     if 'img_size' not in kwargs:
         torch.manual_seed(SEED)
         try:
@@ -95,29 +130,32 @@ def _loss(output: Any, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def make_step(model: nn.Module, workload: Workload) -> Callable[[], None]:
     """Inputs on the workload's device and a callable running one step: a forward under inference_mode (infer),
-    or grads set to None, forward, cross-entropy on random labels and backward (train; no optimizer step)."""
-    h, w = workload.size
+    or grads set to None, forward, cross-entropy on random labels and backward (train; no optimizer step). A DiT
+    takes ``(latent, t, y)`` (:func:`model_input`) and trains on the mean square of its output."""
     device, batch = torch.device(workload.device), workload.batch_size
     generator = torch.Generator().manual_seed(SEED)
     infer_dtype = torch.bfloat16 if workload.dtype == 'bf16' else torch.float32
-    x = torch.randn(batch, 3, h, w, generator=generator)
+    shape, model_args = model_input(getattr(model, '_orig_mod', model), workload.size)
+    x = torch.randn(batch, *shape, generator=generator)
     if workload.mode == 'infer':
         x = x.to(device=device, dtype=infer_dtype)
+        args = model_args(x) if model_args else (x,)
 
         def infer() -> None:
             with torch.inference_mode():
-                model(x)
+                model(*args)
         return infer
 
-    num_classes = int(getattr(model, 'num_classes', 0) or 0)
-    labels = torch.randint(0, max(num_classes, 1), (batch,), generator=generator).to(device)
     x = x.to(device)
+    args = model_args(x) if model_args else (x,)
+    num_classes = 0 if model_args else int(getattr(model, 'num_classes', 0) or 0)  # a DiT's loss: a mean square
+    labels = torch.randint(0, max(num_classes, 1), (batch,), generator=generator).to(device)
     autocast = workload.dtype == 'bf16'
 
     def train() -> None:
         model.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            output = model(x)
+            output = model(*args)
         _loss(output, labels, num_classes).backward()
     return train
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ['load_vae', 'encode', 'decode', 'latent_scale']
+__all__ = ['load_vae', 'encode', 'encode_moments', 'sample_moments', 'decode', 'latent_scale', 'vae_fingerprint']
 
 
 def load_vae(path, device='cpu'):
@@ -42,18 +42,44 @@ def latent_scale(vae, override: Optional[float] = None) -> float:
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor, scale: float, generator: Optional[torch.Generator] = None,
-           mode: bool = False) -> torch.Tensor:
-    """Images ``[B, C, H, W]`` in [-1, 1] (grey repeated to the VAE's channels) -> scaled latents; a sample of the
-    posterior (drawn from ``generator``) unless ``mode``."""
+def encode_moments(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` in [-1, 1] (grey repeated to the VAE's channels) -> the posterior's parameters
+    ``[B, 2 × latent channels, h, w]`` (mean, then log-variance: what a latent cache stores)."""
     want = vae.config.in_channels
     if images.shape[1] != want:
         if images.shape[1] != 1:
             raise ValueError(f'the VAE takes {want}-channel images, got {images.shape[1]} channels')
         images = images.expand(-1, want, -1, -1)
-    dist = vae.encode(images.to(vae.dtype)).latent_dist
-    latents = dist.mode() if mode else dist.sample(generator=generator)
-    return latents * scale
+    return vae.encode(images.to(vae.dtype)).latent_dist.parameters
+
+
+def sample_moments(moments: torch.Tensor, scale: float, generator: Optional[torch.Generator] = None,
+                   mode: bool = False) -> torch.Tensor:
+    """Scaled latents from posterior parameters (diffusers' ``DiagonalGaussianDistribution``: the same draw as
+    encoding the image with the same generator)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    dist = DiagonalGaussianDistribution(moments)
+    return (dist.mode() if mode else dist.sample(generator=generator)) * scale
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, scale: float, generator: Optional[torch.Generator] = None,
+           mode: bool = False) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` in [-1, 1] (grey repeated to the VAE's channels) -> scaled latents; a sample of the
+    posterior (drawn from ``generator``) unless ``mode``."""
+    return sample_moments(encode_moments(vae, images), scale, generator, mode)
+
+
+def vae_fingerprint(vae) -> str:
+    """SHA-256 (12 hex digits) of the VAE's weights: a latent cache is only valid for the VAE that wrote it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 @torch.no_grad()

@@ -25,9 +25,12 @@ def upcast(x: Any) -> Any:
 
 def in_float32(fn: Callable[..., torch.Tensor], q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``fn(q, *args, **kwargs)`` with floating tensors (and dicts of them) in float32 and autocast disabled."""
-    dtype = q.dtype
-    if dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(q.device.type):
+    dtype, device = q.dtype, q.device.type
+    autocast = torch.amp.is_autocast_available(device)  # not on 'meta' (shape-only counting)
+    if dtype in (torch.float32, torch.float64) and not (autocast and torch.is_autocast_enabled(device)):
         return fn(q, *args, **kwargs)
-    with torch.autocast(q.device.type, enabled=False):
+    if not autocast:
+        return fn(upcast(q), *(upcast(a) for a in args), **{k: upcast(v) for k, v in kwargs.items()}).to(dtype)
+    with torch.autocast(device, enabled=False):
         out = fn(upcast(q), *(upcast(a) for a in args), **{k: upcast(v) for k, v in kwargs.items()})
     return out.to(dtype)

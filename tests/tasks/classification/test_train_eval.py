@@ -3,7 +3,6 @@ learns, a real kill + resume, torchrun."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -168,21 +167,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert drop_time(full_rows) == drop_time(run_rows)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_torchrun_two_processes_gloo(tmp_path):
+def test_torchrun_two_processes_gloo(tmp_path, free_port):
     data = _folder(tmp_path / 'data', per_class=8)
     args = ['train', *MODEL, '--data', str(data), '--epochs', '2', '--device', 'cpu', *ARCH]
     one = _cli(*args, '--output', str(tmp_path / 'one'))
     assert one.returncode == 0, one.stderr
     env = dict(os.environ, OMP_NUM_THREADS='1')
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-                          f'--master_port={_free_port()}', '-m', 'vittt.cli', *args, '--output', str(tmp_path / 'two')],
+                          f'--master_port={free_port}', '-m', 'vittt.cli', *args, '--output', str(tmp_path / 'two')],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count('"epoch": 2') == 1  # rank 0 alone logs

@@ -1,6 +1,9 @@
 """The generation task on the engine: a step-based run that learns, exact resume from a mid-run checkpoint, sample
 grids, `vittt generate train | sample` with the ADM .npz layout."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,9 +101,29 @@ def test_generate_train_and_sample_commands(tmp_path, capsys):
     assert np.array_equal(np.load(again)['arr_0'], arr)  # every draw from the seeded generator
     task, model = load_generator(run / 'last.pth')
     assert task.num_classes == 10 and model.in_chans == 1
+    # chunked sampling: chunk i is the unchunked call with seed (seed, i), so it is independent of the other chunks
+    from vittt.engine import derive_seed
+    chunked = task.sample(model, [0, 1, 2, 3, 4], (16, 16), 2.0, 'ddim3', seed=7, batch_size=2)
+    parts = [task.sample(model, labels, (16, 16), 2.0, 'ddim3', seed=derive_seed(7, i))
+             for i, labels in enumerate(([0, 1], [2, 3], [4]))]
+    assert torch.equal(chunked, torch.cat(parts))
     assert main(['generate', 'sample', '--checkpoint', str(run / 'last.pth'), '--labels', '12', '--out',
                  str(grid)]) == 2
     assert 'labels must be in [0, 9]' in capsys.readouterr().err
+
+    # eval: FD-FMNIST with its floor, label agreement and the classifier score per guidance scale, as JSON
+    assert main(['generate', 'eval', '--checkpoint', str(run / 'last.pth'), '--samples', '20', '--cfg-scale', '1',
+                 '2', '--sampler', 'ddim2']) == 0
+    assert 'FD-FMNIST noise floor (20 real training images)' in capsys.readouterr().out
+    result = json.loads((tmp_path / 'run' / 'last.pth.gen-eval.json').read_text())
+    assert result['step'] == 4 and result['weights'] == 'ema' and result['fd_fmnist_floor'] > 0
+    assert [r['cfg_scale'] for r in result['rows']] == [1.0, 2.0]
+    for row in result['rows']:
+        assert row['fd_fmnist'] > result['fd_fmnist_floor']  # 4 steps of training: far from real images
+        assert 0 <= row['label_agreement'] <= 1 and 1 <= row['classifier_score'] <= 10
+    assert main(['generate', 'eval', '--checkpoint', str(run / 'last.pth'), '--samples', '4',
+                 '--fid-weights', str(tmp_path / 'missing.pth')]) == 2
+    assert 'needs a local weights file' in capsys.readouterr().err
 
 
 def test_generation_recipes(capsys):
@@ -124,3 +147,24 @@ def test_generate_demo_quick(tmp_path):
             assert Image.open(out / f'grid_{r["model"]}_cfg{cfg}.png').size[0] == 10 * 32 + 11 * 2
     report = (out / 'report.md').read_text()
     assert '| DiT³ (`dit3_s_4`)' in report and '| DiT (`dit_s_4`)' in report and 'Noise floor' in report
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, free_port):
+    """DDP over gloo: two ranks, each with its own (seed, step, rank) draws; rank 0 alone writes metrics, samples and
+    checkpoints; the EMA and step count of a 2-process run."""
+    overrides = [f'{k}={json.dumps(v)}' for k, v in TINY.items() if k not in ('task', 'model', 'batch_size')]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                          f'--master_port={free_port}', '-m', 'vittt.cli', 'generate', 'train', '--model', 'dit3_s_4',
+                          '--data', 'fashion-mnist', '--output', str(tmp_path / 'two'), '--steps', '4',
+                          '--batch-size', '8', '--device', 'cpu', '--no-progress', 'eval_every=4', *overrides],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count('"step": 4') == 1  # rank 0 alone logs
+    ckpt = torch.load(tmp_path / 'two' / 'last.pth', weights_only=True)
+    assert ckpt['world_size'] == 2 and ckpt['num_updates'] == 4 and ckpt['ema'] is not None
+    rows = [json.loads(line) for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()]
+    assert rows[-1]['step'] == 4 and np.isfinite(rows[-1]['val_loss']) and np.isfinite(rows[-1]['ema_val_loss'])
+    assert sorted(p.name for p in (tmp_path / 'two' / 'samples').iterdir()) == ['step0000004.png',
+                                                                                 'step0000004_ema.png']

@@ -5,6 +5,7 @@
 * a folder with ``train/`` (and optionally ``val/``) class folders: the ADM centre crop of the official code (box
   downsampling while the image is at least twice the target, bicubic resize of the short side, centre crop), flips,
   RGB.
+* a latent cache folder (``vittt generate cache``, :mod:`.latents`): the posterior parameters of the encoded images.
 """
 from __future__ import annotations
 
@@ -60,16 +61,20 @@ def build_generation_datasets(data, recipe: Dict[str, Any]) -> Tuple[Dataset, Op
     """``(train_set, val_set or None, channels, num_classes)``."""
     from ...data import FashionMNIST, ImageFolder, num_classes_of
 
+    from .latents import cache_datasets, is_latent_cache
+
     name = os.fspath(data)
     size = recipe['image_size']
+    if is_latent_cache(name):  # posterior parameters written by `vittt generate cache`
+        return cache_datasets(name, recipe)
     if name.lower() in ('fashion-mnist', 'fashion_mnist'):
         train = FashionMNIST('train', transform=ToSignedTensor('L', size, pad_to=32, hflip=recipe['hflip']))
         val = FashionMNIST('test', transform=ToSignedTensor('L', size, pad_to=32))
         return train, val, 1, 10
     root = Path(name).expanduser()
     if not (root / 'train').is_dir():
-        raise FileNotFoundError(f'{root}: expected a folder with train/ (and optionally val/) class folders, or '
-                                f"'fashion-mnist'")
+        raise FileNotFoundError(f'{root}: expected a folder with train/ (and optionally val/) class folders, a '
+                                f"latent cache (cache.json), or 'fashion-mnist'")
     train = ImageFolder(root / 'train', transform=ToSignedTensor('RGB', size, hflip=recipe['hflip'], crop=True))
     val = ImageFolder(root / 'val', transform=ToSignedTensor('RGB', size, crop=True)) if (root / 'val').is_dir() \
         else None

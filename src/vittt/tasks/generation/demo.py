@@ -8,30 +8,11 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
-import torch
 
 __all__ = ['run_generation_demo', 'DEMO_RECIPE', 'DEMO_MODELS']
 
 DEMO_RECIPE = 'fashion_mnist_generation'
 DEMO_MODELS = {'DiT³': 'dit3_s_4', 'DiT': 'dit_s_4'}
-
-
-def _real_test_images(count: Optional[int] = None):
-    from ...data import FashionMNIST
-    from .data import ToSignedTensor
-
-    test = FashionMNIST('test', transform=ToSignedTensor('L', 32, pad_to=32))
-    n = len(test) if count is None else min(count, len(test))
-    return torch.stack([test[i][0] for i in range(n)]), torch.tensor([test[i][1] for i in range(n)])
-
-
-def _real_train_images(count: int, seed: int):
-    from ...data import FashionMNIST
-    from .data import ToSignedTensor
-
-    train = FashionMNIST('train', transform=ToSignedTensor('L', 32, pad_to=32))
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    return torch.stack([train[i][0] for i in idx]), torch.tensor([train[i][1] for i in idx])
 
 
 def run_generation_demo(output='results/generate_demo', steps: Optional[int] = None, samples: int = 1000,
@@ -44,7 +25,8 @@ def run_generation_demo(output='results/generate_demo', steps: Optional[int] = N
     from ...io import atomic_write
     from ...models.dit3 import dit_model_args
     from .data import build_generation_datasets
-    from .metrics import classifier_score, fd_fmnist, feature_net_hash, label_agreement, load_feature_net
+    from .metrics import fd_fmnist, feature_net_hash, load_feature_net
+    from .run import load_reference, real_training_images, score_generator
     from .task import GenerationTask
 
     output = Path(output)
@@ -57,10 +39,8 @@ def run_generation_demo(output='results/generate_demo', steps: Optional[int] = N
     elif steps is not None:
         overrides['steps'] = steps
     net = load_feature_net()
-    reference, _ = _real_test_images(200 if quick else None)
-    floor_images, _ = _real_train_images(samples, seed=1)
-    floor = fd_fmnist(reference, floor_images, net)
-    labels = torch.arange(samples) % 10  # balanced: N / 10 per class
+    reference = load_reference('fashion-mnist', 32, 200 if quick else None)
+    floor = fd_fmnist(reference, real_training_images(samples, seed=1), net)
     results, histories, started = {}, {}, time.perf_counter()
     for label, model_name in DEMO_MODELS.items():
         recipe = load_recipe(DEMO_RECIPE, dict(overrides, model=model_name))
@@ -76,13 +56,12 @@ def run_generation_demo(output='results/generate_demo', steps: Optional[int] = N
                    macs=count_macs(trainer.model, (1, 32, 32), model_args=dit_model_args), steps=trainer.num_updates,
                    train_seconds=train_seconds, mse=history[-1]['mse'], vb=history[-1]['vb'],
                    val_loss=history[-1].get('ema_val_loss', history[-1].get('val_loss')))
-        for cfg in (1.0, 3.0):
-            start = time.perf_counter()
-            images = task.sample(ema, labels.tolist(), (32, 32), cfg, sampler, seed=0)
-            row[f'sample_seconds_cfg{cfg:g}'] = time.perf_counter() - start
-            row[f'fd_cfg{cfg:g}'] = fd_fmnist(reference, images, net)
-            row[f'agreement_cfg{cfg:g}'] = label_agreement(images, labels, net)
-            row[f'score_cfg{cfg:g}'] = classifier_score(images, net)
+        for cfg in (1.0, 3.0):  # balanced labels (N / 10 per class), the same noise for both models
+            scores, images = score_generator(task, ema, samples, cfg, sampler, seed=0, fmnist_reference=reference,
+                                             net=net)
+            row.update({f'sample_seconds_cfg{cfg:g}': scores['sample_seconds'], f'fd_cfg{cfg:g}': scores['fd_fmnist'],
+                        f'agreement_cfg{cfg:g}': scores['label_agreement'],
+                        f'score_cfg{cfg:g}': scores['classifier_score']})
             grid = images[:100] if len(images) >= 100 else images
             atomic_write(output / f'grid_{model_name}_cfg{cfg:g}.png',
                          lambda tmp, g=grid: save_image((g + 1) / 2, tmp, nrow=10, format='png'))

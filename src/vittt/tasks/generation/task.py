@@ -42,8 +42,12 @@ class GenerationTask(Task):
     best_metric, best_mode = 'val_loss', 'min'
     resume_keys = ('image_size', 'vae', 'num_timesteps')
 
-    def __init__(self, recipe: Dict[str, Any], data_channels: int, num_classes: int, vae=None):
+    def __init__(self, recipe: Dict[str, Any], data_channels: int, num_classes: int, vae=None,
+                 moments: bool = False):
         super().__init__(recipe)
+        if moments and vae is None:
+            raise ValueError('training on cached posterior parameters (a latent cache) needs the VAE that wrote them')
+        self.moments = moments  # batches hold the VAE posterior's parameters (a latent cache), not images
         from ...diffusion import GaussianTables, linear_betas
 
         self.tables = GaussianTables(linear_betas(recipe['num_timesteps']))
@@ -71,7 +75,9 @@ class GenerationTask(Task):
     def _to_model_space(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.vae is None:
             return images
-        from ...diffusion.vae import encode
+        from ...diffusion.vae import encode, sample_moments
+        if self.moments:
+            return sample_moments(images.float(), self.latent_scale, generator=generator)
         return encode(self.vae, images, self.latent_scale, generator=generator).float()
 
     def _losses(self, model, images, labels, generator: torch.Generator):
@@ -116,8 +122,15 @@ class GenerationTask(Task):
 
     # ------------------------------------------------------------------ samples
     def sample(self, model, labels, image_shape, cfg_scale: float, sampler: str, seed: int,
-               device=None) -> torch.Tensor:
-        """Images (or decoded latents) in [-1, 1] for ``labels``; every draw from a generator seeded by ``seed``."""
+               device=None, batch_size: Optional[int] = None) -> torch.Tensor:
+        """Images (or decoded latents) in [-1, 1] for ``labels``; every draw from a generator seeded by ``seed``.
+        With ``batch_size``, chunks of that many labels, chunk i drawing from a generator seeded by (seed, i):
+        batch-independent and much faster on CPU than one huge batch (and it bounds the memory)."""
+        labels = list(labels)
+        if batch_size is not None and len(labels) > batch_size:
+            return torch.cat([self.sample(model, labels[i:i + batch_size], image_shape, cfg_scale, sampler,
+                                          derive_seed(seed, i // batch_size), device)
+                              for i in range(0, len(labels), batch_size)])
         from ...diffusion import linear_betas, make_scheduler, sample
 
         h, w = image_shape
