@@ -111,6 +111,27 @@ def test_sincos_table_layout_and_the_official_table():
         sincos_2d((2, 2), 18)
 
 
+def test_mac_counting_first_leaves_real_position_tables():
+    """Counting MACs (FakeTensorMode) at a grid never seen before must not cache a fake table that later real
+    forwards at that grid would use (they would return fake tensors without computing anything)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from vittt.bench import count_macs
+    from vittt.layers.adaln import _sincos_2d
+
+    model = create_dit('dit3_s_2', depth=1, embed_dim=32, num_heads=2).eval()
+    _sincos_2d.cache_clear()
+    count_macs(model, (4, 22, 26), model_args=dit_model_args)  # grid 11×13, first seen under fake tensors
+    with torch.device('meta'):
+        sincos_2d((5, 7), 32)  # a meta default device neither
+    table = sincos_2d((11, 13), 32)
+    assert type(table) is torch.Tensor and not isinstance(table, FakeTensor) and table.device.type == 'cpu'
+    assert sincos_2d((5, 7), 32).device.type == 'cpu'
+    x, t, y = dit_model_args(torch.randn(1, 4, 22, 26))
+    out = model(x, t, y)
+    assert type(out) is torch.Tensor and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_output_is_zero_at_init(family):
     model = _micro(family, in_chans=1).train()

@@ -103,9 +103,14 @@ def sincos_2d(grid_size: GridSize, dim: int, base_grid: Optional[GridSize] = Non
     (any aspect ratio) extrapolate the same formula, or interpolate to ``base_grid`` when given."""
     if dim % 4:
         raise ValueError(f'the sin-cos position table needs a width divisible by 4, got {dim}')
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     h, w = grid_size
     base_h, base_w = base_grid if base_grid is not None else (None, None)
-    return _sincos_2d(int(h), int(w), int(dim), base_h, base_w)
+    # the cache must hold real CPU tensors: a table first built under FakeTensorMode (MAC counting) or a meta /
+    # CUDA default device would otherwise be handed to every later forward at that grid
+    with unset_fake_temporarily(), torch.device('cpu'):
+        return _sincos_2d(int(h), int(w), int(dim), base_h, base_w)
 
 
 class GridAttention(Attention):
