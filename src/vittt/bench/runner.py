@@ -118,12 +118,11 @@ def resolve_baseline(variants: Sequence[Variant], baseline: Optional[str]) -> st
         if baseline not in labels:
             raise ValueError(f'--baseline {baseline!r} is not among the variants: {", ".join(labels)}')
         return baseline
+    from ..models.dit3 import resolve_dit_name
     from .workload import is_dit_name
 
     deit = [v.label for v in variants if v.spec.name.startswith('deit')]
-    # the attention DiT (dit_*, DiT-*) for DiT³ runs
-    dit = [v.label for v in variants
-           if is_dit_name(v.spec.name) and not v.spec.name.lower().startswith(('dit3', 'dittt'))]
+    dit = [v.label for v in variants if is_dit_name(v.spec.name) and resolve_dit_name(v.spec.name).startswith('dit_')]
     return deit[0] if deit else dit[0] if dit else labels[0]
 
 

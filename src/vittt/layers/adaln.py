@@ -80,6 +80,15 @@ class LabelEmbedder(nn.Module):
 
 @lru_cache(maxsize=32)
 def _sincos_2d(h: int, w: int, dim: int, base_h: Optional[int], base_w: Optional[int]) -> torch.Tensor:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    # the cache must hold real CPU tensors: a table first built under FakeTensorMode (MAC counting) or a meta /
+    # CUDA default device would otherwise be handed to every later forward at that grid
+    with unset_fake_temporarily(), torch.device('cpu'):
+        return _sincos_table(h, w, dim, base_h, base_w)
+
+
+def _sincos_table(h: int, w: int, dim: int, base_h: Optional[int], base_w: Optional[int]) -> torch.Tensor:
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     rows = torch.arange(h, dtype=torch.float64)
@@ -103,14 +112,9 @@ def sincos_2d(grid_size: GridSize, dim: int, base_grid: Optional[GridSize] = Non
     (any aspect ratio) extrapolate the same formula, or interpolate to ``base_grid`` when given."""
     if dim % 4:
         raise ValueError(f'the sin-cos position table needs a width divisible by 4, got {dim}')
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     h, w = grid_size
     base_h, base_w = base_grid if base_grid is not None else (None, None)
-    # the cache must hold real CPU tensors: a table first built under FakeTensorMode (MAC counting) or a meta /
-    # CUDA default device would otherwise be handed to every later forward at that grid
-    with unset_fake_temporarily(), torch.device('cpu'):
-        return _sincos_2d(int(h), int(w), int(dim), base_h, base_w)
+    return _sincos_2d(int(h), int(w), int(dim), base_h, base_w)
 
 
 class GridAttention(Attention):

@@ -7,6 +7,7 @@ dtype of the incoming queries (so the rest of the network keeps its memory savin
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -29,8 +30,6 @@ def in_float32(fn: Callable[..., torch.Tensor], q: torch.Tensor, *args, **kwargs
     autocast = torch.amp.is_autocast_available(device)  # not on 'meta' (shape-only counting)
     if dtype in (torch.float32, torch.float64) and not (autocast and torch.is_autocast_enabled(device)):
         return fn(q, *args, **kwargs)
-    if not autocast:
-        return fn(upcast(q), *(upcast(a) for a in args), **{k: upcast(v) for k, v in kwargs.items()}).to(dtype)
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         out = fn(upcast(q), *(upcast(a) for a in args), **{k: upcast(v) for k, v in kwargs.items()})
     return out.to(dtype)

@@ -62,9 +62,8 @@ def run_generation_demo(output='results/generate_demo', steps: Optional[int] = N
             row.update({f'sample_seconds_cfg{cfg:g}': scores['sample_seconds'], f'fd_cfg{cfg:g}': scores['fd_fmnist'],
                         f'agreement_cfg{cfg:g}': scores['label_agreement'],
                         f'score_cfg{cfg:g}': scores['classifier_score']})
-            grid = images[:100] if len(images) >= 100 else images
             atomic_write(output / f'grid_{model_name}_cfg{cfg:g}.png',
-                         lambda tmp, g=grid: save_image((g + 1) / 2, tmp, nrow=10, format='png'))
+                         lambda tmp, g=images[:100]: save_image((g + 1) / 2, tmp, nrow=10, format='png'))
         results[label] = row
         histories[label] = history
     total = time.perf_counter() - started

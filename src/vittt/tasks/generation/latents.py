@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -71,11 +72,28 @@ def check_cache_vae(cache: LatentCache, vae) -> None:
                          f'{cache.meta["vae_sha256"]}); this one hashes to {vae_fingerprint(vae)}')
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    with open(tmp, 'wb') as f:
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, 'wb') as f:  # np.save(str) would append '.npy' to the temporary name
         np.save(f, array)
-    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _encode_into(path: str, vae, loader, shape, dtype: str, labels: np.ndarray, device) -> None:
+    """Posterior parameters of every batch (and of its mirror when ``shape[1] == 2``) into a new ``.npy`` memory
+    map at ``path``; the labels into ``labels``."""
+    from ...diffusion.vae import encode_moments
+
+    moments = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
+    start = 0
+    for images, targets in loader:
+        images = images.to(device)
+        end = start + len(images)
+        moments[start:end, 0] = encode_moments(vae, images).float().cpu().numpy()
+        if shape[1] == 2:
+            moments[start:end, 1] = encode_moments(vae, images.flip(-1)).float().cpu().numpy()
+        labels[start:end] = targets.numpy()
+        start = end
+    moments.flush()
 
 
 @torch.no_grad()
@@ -85,7 +103,7 @@ def write_latent_cache(vae_path, data, output, image_size: int = 256, batch_size
     in ``vae_path``; writes the cache into ``output`` and returns its ``cache.json`` contents."""
     from torch.utils.data import DataLoader
 
-    from ...diffusion.vae import encode_moments, load_vae, vae_fingerprint
+    from ...diffusion.vae import load_vae, vae_fingerprint
     from ...io import atomic_write
     from .data import build_generation_datasets
 
@@ -99,33 +117,22 @@ def write_latent_cache(vae_path, data, output, image_size: int = 256, batch_size
     output = Path(os.fspath(output)).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     (output / _META).unlink(missing_ok=True)  # the folder is incomplete until the new cache.json is written
-    side, params = image_size // factor, 2 * vae.config.latent_channels
+    side = image_size // factor
     splits = {}
     for split, dataset in (('train', train), ('val', val)):
         if dataset is None:
             continue
-        n, views = len(dataset), 2 if flips else 1
-        path = output / f'{split}_moments.npy'
-        tmp = path.with_name(f'.{path.name}.tmp')
-        moments = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=(n, views, params, side, side))
-        labels = np.empty(n, dtype=np.int64)
+        n = len(dataset)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
         if progress:
             from tqdm import tqdm
             loader = tqdm(loader, desc=f'encoding {split}', leave=False)
-        start = 0
-        for images, targets in loader:
-            images = images.to(device)
-            end = start + len(images)
-            moments[start:end, 0] = encode_moments(vae, images).float().cpu().numpy()
-            if flips:
-                moments[start:end, 1] = encode_moments(vae, images.flip(-1)).float().cpu().numpy()
-            labels[start:end] = targets.numpy()
-            start = end
-        moments.flush()
-        del moments
-        os.replace(tmp, path)
-        _save_npy(output / f'{split}_labels.npy', labels)
+        labels = np.empty(n, dtype=np.int64)
+        shape = (n, 2 if flips else 1, 2 * vae.config.latent_channels, side, side)
+        atomic_write(output / f'{split}_moments.npy',
+                     partial(_encode_into, vae=vae, loader=loader, shape=shape, dtype=dtype, labels=labels,
+                             device=device))
+        atomic_write(output / f'{split}_labels.npy', partial(_save_npy, array=labels))
         splits[split] = n
     classes = getattr(train, 'classes', None) or [str(c) for c in range(num_classes)]
     meta = dict(format=CACHE_FORMAT, vae=str(Path(os.fspath(vae_path)).expanduser().resolve()),

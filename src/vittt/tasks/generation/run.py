@@ -90,11 +90,7 @@ def load_reference(reference, size: int, count: Optional[int] = None):
 
     name = os.fspath(reference)
     if name.lower() in ('fashion-mnist', 'fashion_mnist'):
-        from ...data import FashionMNIST
-        from .data import ToSignedTensor
-        test = FashionMNIST('test', transform=ToSignedTensor('L', size, pad_to=32))
-        n = len(test) if count is None else min(count, len(test))
-        return torch.stack([test[i][0] for i in range(n)])
+        return _fmnist_images('test', size, lambda n: range(n if count is None else min(count, n)))
     path = Path(name).expanduser()
     if path.suffix == '.npz' and path.is_file():
         with np.load(path) as data:
@@ -105,26 +101,33 @@ def load_reference(reference, size: int, count: Optional[int] = None):
             raise ValueError(f'{path}: arr_0 must be NHWC uint8, got {arr.dtype} {arr.shape}')
         return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
     if path.is_dir():
-        from PIL import Image
+        from ...data import IMG_EXTENSIONS, pil_rgb_loader
         from .data import ToSignedTensor
-        files = sorted(p for p in path.rglob('*') if p.suffix.lower() in ('.png', '.jpg', '.jpeg', '.bmp', '.webp'))
+        files = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith('.'))
         if not files:
-            raise ValueError(f'{path}: no images (.png, .jpg, .jpeg, .bmp, .webp) found')
+            raise ValueError(f'{path}: no images ({", ".join(IMG_EXTENSIONS)}) found')
         to_tensor = ToSignedTensor('RGB', size, crop=True)
-        return torch.stack([to_tensor(Image.open(f)) for f in files[:count]])
+        return torch.stack([to_tensor(pil_rgb_loader(f)) for f in files[:count]])
     raise FileNotFoundError(f"reference {name!r}: expected 'fashion-mnist', a folder of images or an .npz file")
+
+
+def _fmnist_images(split: str, size: int, pick):
+    """Fashion-MNIST images of ``split`` (padded to 32, then ``size``) at the indices ``pick(len(split))``."""
+    import torch
+
+    from ...data import FashionMNIST
+    from .data import ToSignedTensor
+
+    data = FashionMNIST(split, transform=ToSignedTensor('L', size, pad_to=32))
+    return torch.stack([data[i][0] for i in pick(len(data))])
 
 
 def real_training_images(count: int, seed: int):
     """``count`` Fashion-MNIST training images (a seeded random draw, padded to 32): the FD noise floor at N."""
     import torch
 
-    from ...data import FashionMNIST
-    from .data import ToSignedTensor
-
-    train = FashionMNIST('train', transform=ToSignedTensor('L', 32, pad_to=32))
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    return torch.stack([train[i][0] for i in idx])
+    return _fmnist_images('train', 32, lambda n: torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed))[:count].tolist())
 
 
 def score_generator(task, model, num_samples: int, cfg_scale: float, sampler: str, seed: int = 0,
