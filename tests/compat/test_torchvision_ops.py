@@ -338,3 +338,19 @@ def test_timm_create_transform():
 
     train_tf = create_transform(input_size=32, is_training=True)
     assert train_tf(Image.new("RGB", (64, 64))).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize('seed', range(4))
+@pytest.mark.parametrize('block', [7, 1024])
+def test_blocked_nms_equals_the_reference(seed, block):
+    from vittt.compat import nms_blocked
+    g = torch.Generator().manual_seed(seed)
+    n = 300
+    xy = torch.rand(n, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + 1 + torch.rand(n, 2, generator=g) * 30], dim=1)
+    boxes[::17, 2:] = boxes[::17, :2]  # empty boxes: NaN IoU never suppresses
+    scores = torch.randint(0, 40, (n,), generator=g).float()  # many ties: stable order
+    for threshold in (0.0, 0.3, 0.7):
+        expected = nms_reference(boxes, scores, threshold)
+        assert torch.equal(nms_blocked(boxes, scores, threshold, block=block), expected), threshold
+    assert torch.equal(torchvision.ops.nms(boxes, scores, 0.5), nms_reference(boxes, scores, 0.5))
