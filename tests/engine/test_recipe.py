@@ -26,8 +26,8 @@ def test_recipe_layers_and_errors(tmp_path):
         load_recipe(None, dict(amp='fp8'))
     with pytest.raises(RecipeError, match='epochs must be a positive integer'):
         load_recipe(None, dict(epochs=0))
-    with pytest.raises(RecipeError, match="unknown task 'segmentation'"):
-        load_recipe(None, dict(task='segmentation'))
+    with pytest.raises(RecipeError, match="unknown task 'panoptic'"):
+        load_recipe(None, dict(task='panoptic'))
     bad = tmp_path / 'bad.yaml'
     bad.write_text('- a\n- list\n')
     with pytest.raises(RecipeError, match='a recipe is a mapping'):
@@ -52,6 +52,9 @@ def test_shipped_recipes_are_package_data_and_name_their_model():
         recipe = load_recipe(name)
         if recipe['task'] == 'generation':
             assert recipe['model'] in DIT_CONFIGS and recipe['steps'] and recipe['epochs'] is None
+            continue
+        if recipe['task'] in ('detection', 'segmentation'):  # backbones: any timm model
+            assert recipe['model'] in timm.list_models() and (recipe['steps'] or recipe['epochs'])
             continue
         assert recipe['task'] == 'classification'
         if name != 'fashion_mnist_demo':

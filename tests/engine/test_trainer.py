@@ -121,3 +121,32 @@ def test_a_non_finite_loss_stops_the_run_with_a_reason(tmp_path):
 def test_too_small_training_set_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match='fewer than one global batch'):
         Trainer(RegressionTask(_recipe(batch_size=128)), NoisyRegression(), None, tmp_path)
+
+
+def test_step_and_poly_schedules_and_warmup_by_updates_in_an_epoch_run(tmp_path):
+    """sched=step multiplies the lr by decay_rate at each milestone (epochs in an epoch run); poly decays to min_lr;
+    warmup_steps warms up by updates in an epoch-based run too."""
+    recipe = _recipe(steps=None, epochs=4, sched='step', decay_milestones=[2, 3], decay_rate=0.1, warmup_steps=2,
+                     warmup_lr=0.0, model_ema=False, eval_every=0)
+    trainer = Trainer(RegressionTask(recipe), NoisyRegression(), NoisyRegression(16), tmp_path / 'step',
+                      progress=False)
+    per_epoch = trainer.iters_per_epoch  # 8
+    lrs = []
+    for update in range(4 * per_epoch):
+        trainer.scheduler.step_update(update)
+        lrs.append(trainer.optimizer.param_groups[0]['lr'])
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.005)  # warm-up over 2 updates
+    assert lrs[2 * per_epoch - 1] == pytest.approx(0.01) and lrs[2 * per_epoch] == pytest.approx(1e-3)
+    assert lrs[3 * per_epoch] == pytest.approx(1e-4)
+    poly = Trainer(RegressionTask(_recipe(sched='poly', poly_power=1.0, warmup_steps=0, min_lr=0.0)),
+                   NoisyRegression(), None, tmp_path / 'poly', progress=False)
+    poly.scheduler.step_update(15)
+    assert poly.optimizer.param_groups[0]['lr'] == pytest.approx(0.01 * (1 - 15 / 30))
+
+
+def test_weight_decay_exempt_by_name(tmp_path):
+    trainer = Trainer(RegressionTask(_recipe(weight_decay=0.05, weight_decay_exempt=['0.'])), NoisyRegression(),
+                      None, tmp_path, progress=False)
+    decay = {id(p): g['weight_decay'] for g in trainer.optimizer.param_groups for p in g['params']}
+    for name, param in trainer.model.named_parameters():
+        assert decay[id(param)] == (0.0 if name.startswith('0.') else 0.05), name

@@ -6,7 +6,8 @@ fp16 with a saved GradScaler), gradient clipping, EMA (timm), lr schedules stepp
 runs), metrics JSONL / CSV / TensorBoard, the progress bar and curves. Tasks live in :mod:`vittt.tasks`.
 """
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_training_checkpoint, save_checkpoint
-from .distributed import DistInfo, ShardSampler, all_reduce_sum, barrier, eval_loader, init_distributed
+from .distributed import (DistInfo, ShardSampler, all_gather_objects, all_reduce_sum, barrier, eval_loader,
+                          init_distributed)
 from .recipe import (ENGINE_DEFAULTS, RecipeError, find_recipe, list_recipes, load_recipe, parse_overrides,
                      recipe_defaults, recipe_yaml, scaled_lr)
 from .rng import SeededDataset, derive_seed, seed_all
@@ -14,7 +15,8 @@ from .task import StepContext, Task, get_task, register_task, registered_tasks
 from .trainer import Trainer, move_to
 
 __all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'load_training_checkpoint', 'save_checkpoint', 'DistInfo',
-           'ShardSampler', 'all_reduce_sum', 'barrier', 'eval_loader', 'init_distributed', 'ENGINE_DEFAULTS',
+           'ShardSampler', 'all_gather_objects', 'all_reduce_sum', 'barrier', 'eval_loader', 'init_distributed',
+           'ENGINE_DEFAULTS',
            'RecipeError', 'find_recipe', 'list_recipes', 'load_recipe', 'parse_overrides', 'recipe_defaults',
            'recipe_yaml', 'scaled_lr', 'SeededDataset', 'derive_seed', 'seed_all', 'StepContext', 'Task',
            'get_task', 'register_task', 'registered_tasks', 'Trainer', 'move_to']

@@ -47,6 +47,15 @@ def all_reduce_sum(values: List[float], info: DistInfo) -> List[float]:
     return t.tolist()
 
 
+def all_gather_objects(obj, info: DistInfo) -> List:
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects, e.g. per-shard predictions)."""
+    if info.world_size == 1:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
         dist.barrier()

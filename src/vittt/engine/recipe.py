@@ -36,14 +36,14 @@ ENGINE_DEFAULTS: Dict[str, Any] = dict(
     task='classification', model=None, model_kwargs={},
     epochs=300, steps=None, batch_size=128,
     opt='adamw', lr=5e-4, lr_base_batch=512, warmup_lr=5e-7, min_lr=5e-6, sched='cosine',
-    warmup_epochs=20, warmup_steps=None,
-    weight_decay=0.05, opt_betas=[0.9, 0.999], opt_eps=1e-8, clip_grad=5.0,
+    warmup_epochs=20, warmup_steps=None, decay_milestones=[], decay_rate=0.1, poly_power=1.0,
+    weight_decay=0.05, weight_decay_exempt=None, opt_betas=[0.9, 0.999], opt_eps=1e-8, clip_grad=5.0,
     model_ema=False, model_ema_decay=0.9996, model_ema_ref_batch=4096,
     amp='none', grad_checkpointing=False,
     num_workers=4, seed=0, eval_every=1, checkpoint_every=0, train_subset=0, val_subset=0,
 )
 AMP_MODES = ('none', 'bf16', 'fp16')
-SCHEDULES = ('cosine', 'constant')
+SCHEDULES = ('cosine', 'constant', 'step', 'poly')
 _POSITIVE_INTS = ('batch_size',)
 _RECIPE_PACKAGE = 'vittt'
 _RECIPE_DIR = 'configs'

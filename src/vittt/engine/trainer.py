@@ -66,16 +66,49 @@ def _optimizer(model, recipe: Dict[str, Any], lr: float):
     kwargs = {}
     if any(name in recipe['opt'].lower() for name in ('adam', 'lamb')):
         kwargs = dict(betas=tuple(recipe['opt_betas']), eps=recipe['opt_eps'])
+    exempt = recipe.get('weight_decay_exempt')
+    if exempt:  # the official dense recipes: no decay exactly for the names holding one of these strings
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (no_decay if any(s in name for s in exempt) else decay).append(param)
+        groups = [dict(params=decay, weight_decay=recipe['weight_decay']), dict(params=no_decay, weight_decay=0.0)]
+        return create_optimizer_v2(groups, recipe['opt'], lr=lr, weight_decay=recipe['weight_decay'], **kwargs)
     return create_optimizer_v2(model, recipe['opt'], lr=lr, weight_decay=recipe['weight_decay'], **kwargs)
 
 
-def _scheduler(optimizer, recipe: Dict[str, Any], total: int, warmup: int, lrs: Dict[str, float]):
-    from timm.scheduler import CosineLRScheduler, StepLRScheduler
+def _scheduler(optimizer, recipe: Dict[str, Any], total: int, warmup: int, lrs: Dict[str, float],
+               updates_per_epoch: int):
+    from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 
     common = dict(warmup_lr_init=lrs['warmup_lr'], warmup_t=warmup, t_in_epochs=False)
     if recipe['sched'] == 'constant':
         return StepLRScheduler(optimizer, decay_t=total + 1, decay_rate=1.0, **common)
+    if recipe['sched'] == 'step':  # milestones in the run's unit (epochs or steps), multiplied by decay_rate
+        unit = 1 if recipe.get('steps') is not None else updates_per_epoch
+        # timm applies milestone m from step m - 1: +1 so the update that starts epoch m is the first decayed (mmdet)
+        milestones = [int(m * unit) + 1 for m in recipe['decay_milestones']]
+        return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=recipe['decay_rate'], warmup_prefix=False,
+                                    **common)
+    if recipe['sched'] == 'poly':
+        return PolyLRScheduler(optimizer, t_initial=total, power=recipe['poly_power'], lr_min=lrs['min_lr'],
+                               **common)
     return CosineLRScheduler(optimizer, t_initial=total, lr_min=lrs['min_lr'], **common)
+
+
+def _set_grad_checkpointing(model) -> None:
+    """Switch on gradient checkpointing in ``model`` or, for wrappers without the switch (torchvision detectors),
+    in the outermost sub-modules that have it."""
+    if hasattr(model, 'set_grad_checkpointing'):
+        model.set_grad_checkpointing(True)
+        return
+    done = []
+    for name, module in model.named_modules():
+        if hasattr(module, 'set_grad_checkpointing') and not any(name.startswith(d + '.') for d in done):
+            module.set_grad_checkpointing(True)
+            done.append(name)
+    if not done:
+        raise ValueError(f'grad_checkpointing: {type(model).__name__} has no module that supports it')
 
 
 class Trainer:
@@ -101,19 +134,21 @@ class Trainer:
         self.iters_per_epoch = len(self.sampler) // batch
         self.step_based = recipe.get('steps') is not None
         self.total_updates = recipe['steps'] if self.step_based else recipe['epochs'] * self.iters_per_epoch
-        warmup = (recipe.get('warmup_steps') or 0) if self.step_based else \
-            int(round(recipe['warmup_epochs'] * self.iters_per_epoch))
+        if self.step_based or recipe.get('warmup_steps') is not None:  # an epoch run may warm up by updates
+            warmup = recipe.get('warmup_steps') or 0
+        else:
+            warmup = int(round(recipe['warmup_epochs'] * self.iters_per_epoch))
         self.val_loader = (eval_loader(self.val_set, batch, recipe['num_workers'], info, task.collate_fn())
                            if self.val_set is not None else None)
 
         seed_all(recipe['seed'])
         self.model = task.build_model().to(info.device)
         if recipe.get('grad_checkpointing'):
-            self.model.set_grad_checkpointing(True)
+            _set_grad_checkpointing(self.model)
         self.ddp = DistributedDataParallel(self.model) if info.world_size > 1 else self.model
         lrs = scaled_lr(recipe, info.world_size)
         self.optimizer = _optimizer(self.model, recipe, lrs['lr'])
-        self.scheduler = _scheduler(self.optimizer, recipe, self.total_updates, warmup, lrs)
+        self.scheduler = _scheduler(self.optimizer, recipe, self.total_updates, warmup, lrs, self.iters_per_epoch)
         self.amp_dtype = _AMP_DTYPES[recipe['amp']]
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=recipe['amp'] == 'fp16')
         self.ema = None
