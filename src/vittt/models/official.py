@@ -10,19 +10,26 @@ fixed-size RoPE buffers:
 Checkpoints may be a plain state dict or wrapped (``model``, ``state_dict``, ``state_dict_ema``, ``model_ema``;
 EMA preferred unless ``use_ema=False``), optionally with a ``module.`` prefix. Keys and shapes are checked
 strictly: a mismatch raises :class:`CheckpointError` listing every missing, unexpected and mis-shaped key.
+
+Files are read without running their code: ``weights_only`` pickles, or (``tensors_only``) a restricted unpickler
+that rebuilds tensors and plain containers and turns every other object (mmengine's ``HistoryBuffer``, numpy arrays,
+configs ...) into an inert :class:`ForeignObject`.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import re
-from typing import Dict, Mapping, Optional, Tuple
+import types
+import warnings
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
 __all__ = ['CheckpointError', 'unwrap_state_dict', 'is_official_state_dict', 'convert_official_state_dict',
            'check_state_dict', 'checkpoint_filter_fn', 'load_checkpoint_file', 'detect_official_variant',
            'convert_official_file', 'OFFICIAL_VARIANTS', 'is_dit_state_dict', 'dit_config_from_state_dict',
-           'convert_dit_state_dict', 'load_dit_checkpoint']
+           'convert_dit_state_dict', 'load_dit_checkpoint', 'ForeignObject', 'dense_layout_hint']
 
 
 class CheckpointError(ValueError):
@@ -107,6 +114,9 @@ def convert_official_state_dict(checkpoint, model: Optional[torch.nn.Module] = N
                                 check_head: bool = True) -> Dict[str, torch.Tensor]:
     """Official (or already converted) checkpoint -> vittt state dict, checked against ``model`` if given."""
     state_dict = unwrap_state_dict(checkpoint, use_ema)
+    hint = dense_layout_hint(state_dict)
+    if hint:
+        raise CheckpointError(f'not a classification checkpoint: {hint}')
     if is_official_state_dict(state_dict):
         out = {}
         for key, value in state_dict.items():
@@ -128,27 +138,186 @@ def checkpoint_filter_fn(state_dict, model: torch.nn.Module) -> Dict[str, torch.
     return convert_official_state_dict(state_dict, model, check_head=False)
 
 
-def load_checkpoint_file(path, trust_pickle: bool = False):
+class ForeignObject:
+    """What the tensor-only loader makes of an object whose class it does not trust: it keeps the pickled
+    constructor arguments (``args``, ``kwargs``), the ``state`` given to ``__setstate__`` and any ``items`` /
+    ``list_items`` pickle added, and runs none of the original class's code. ``global_name`` names that class (or
+    the function the pickle wanted to call)."""
+
+    global_name = '?'
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.args, obj.kwargs, obj.state, obj.items, obj.list_items = args, kwargs, None, {}, []
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.items[key] = value
+
+    def __getitem__(self, key):
+        return self.items[key]
+
+    def append(self, value):
+        self.list_items.append(value)
+
+    def extend(self, values):
+        self.list_items.extend(values)
+
+    def __repr__(self):
+        return f'<not loaded: {self.global_name}>'
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    """``torch._tensor._rebuild_from_type_v2`` for plain tensors and parameters only (no foreign subclass code)."""
+    ret = func(*args)
+    if isinstance(ret, torch.Tensor) and isinstance(new_type, type) and new_type in (torch.Tensor,
+                                                                                   torch.nn.Parameter):
+        if type(ret) is not new_type:
+            ret = ret.as_subclass(new_type)
+        if state:
+            torch._utils._set_obj_state(ret, state)
+    return ret
+
+
+def _trusted_globals() -> Dict[Tuple[str, str], object]:
+    import _codecs
+    import builtins
+    import collections
+
+    allowed = {('collections', 'OrderedDict'): collections.OrderedDict, ('_codecs', 'encode'): _codecs.encode,
+               ('torch', 'Size'): torch.Size, ('torch', 'device'): torch.device,
+               ('torch._tensor', '_rebuild_from_type_v2'): _rebuild_from_type_v2}
+    for name in ('set', 'frozenset', 'slice', 'complex', 'tuple', 'list', 'dict', 'int', 'float', 'bool', 'str'):
+        allowed[('builtins', name)] = getattr(builtins, name)
+    for name in ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3', '_rebuild_parameter',
+                 '_rebuild_parameter_with_state', '_rebuild_qtensor', '_rebuild_sparse_tensor',
+                 '_rebuild_meta_tensor_no_storage'):
+        if hasattr(torch._utils, name):
+            allowed[('torch._utils', name)] = getattr(torch._utils, name)
+    return allowed
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    """Resolves only tensor-rebuild functions, storages, ``torch.Size``, torch dtypes / layouts / memory formats,
+    ``OrderedDict`` and the built-in container types; any other global becomes a :class:`ForeignObject` subclass,
+    so calling it, ``__reduce__`` results and ``__setstate__`` included, runs no code from the file."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._allowed = _trusted_globals()
+        self._foreign: Dict[Tuple[str, str], type] = {}
+
+    def find_class(self, module, name):
+        import _compat_pickle
+
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol-2 pickles name builtins '__builtin__'
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        if (module, name) in self._allowed:
+            return self._allowed[(module, name)]
+        if module in ('torch', 'torch.storage') and isinstance(name, str):
+            value = getattr(torch, name, None) if module == 'torch' else getattr(torch.storage, name, None)
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)):
+                return value
+            if isinstance(value, type) and issubclass(value, (torch.storage.TypedStorage, torch.UntypedStorage)):
+                return value
+        key = (str(module), str(name))
+        if key not in self._foreign:
+            self._foreign[key] = type(str(name), (ForeignObject,), {'global_name': f'{module}.{name}',
+                                                                     '__module__': __name__})
+        return self._foreign[key]
+
+
+def _tensors_only_pickle_module() -> types.ModuleType:
+    module = types.ModuleType('vittt_tensors_only_pickle')
+    module.Unpickler = _TensorsOnlyUnpickler
+    module.load = lambda file, **kwargs: _TensorsOnlyUnpickler(file, **kwargs).load()
+    module.__dict__.update(HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL, UnpicklingError=pickle.UnpicklingError)
+    return module
+
+
+def _load_tensors_only(path: str):
+    return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_tensors_only_pickle_module())
+
+
+def load_checkpoint_file(path, trust_pickle: bool = False, tensors_only: Union[bool, str] = False):
     """Read a ``.safetensors`` or torch-pickle checkpoint. Pickles are read with ``weights_only=True`` unless
-    ``trust_pickle`` (a pickle can run code: only for files you trust)."""
+    ``trust_pickle`` (a pickle can run code: only for files you trust).
+
+    ``tensors_only=True`` reads a pickle with a restricted unpickler instead: tensors, ``torch.Size``, dtypes and
+    plain containers (dicts, lists, tuples, sets, strings, numbers, ``OrderedDict``) are rebuilt; every other object
+    becomes an inert :class:`ForeignObject` and none of its code runs. ``tensors_only='auto'`` tries
+    ``weights_only`` first and falls back to that (saying so in one warning) when the file holds other Python
+    objects, as mmengine checkpoints do (``message_hub``'s ``HistoryBuffer``, numpy arrays). Without it such a file
+    raises :class:`CheckpointError`."""
     path = os.fspath(path)
+    if tensors_only not in (False, True, 'auto'):
+        raise ValueError(f"tensors_only must be False, True or 'auto', got {tensors_only!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
+    fallback = None
     try:
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file
             return load_file(path)
+        if tensors_only is True:
+            return _load_tensors_only(path)
         import argparse  # DiT's train.py stores its arguments as a Namespace beside the tensors (harmless to load)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
     except Exception as e:
         if not trust_pickle and 'Unsupported global' in str(e):
             culprit = re.search(r'GLOBAL (\S+)', str(e))
-            raise CheckpointError(f'{path}: holds Python objects besides tensors'
-                                  f'{f" ({culprit.group(1)})" if culprit else ""}, which are not loaded by default '
-                                  f'(a pickle can run code). If you trust the file, pass trust_pickle=True '
-                                  f'(`vittt convert --trust-pickle`)') from e
+            culprit = f' ({culprit.group(1)})' if culprit else ''
+            if tensors_only != 'auto':
+                raise CheckpointError(f'{path}: holds Python objects besides tensors{culprit}, which are not loaded '
+                                      f'by default (a pickle can run code). If you trust the file, pass '
+                                      f'trust_pickle=True (`vittt convert --trust-pickle`)') from e
+            fallback = culprit
+        else:
+            raise CheckpointError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from e
+    warnings.warn(f'{path}: holds Python objects besides tensors{fallback}; reading it with the tensor-only loader '
+                  f'(those objects become inert placeholders, none of their code runs)', stacklevel=2)
+    try:
+        return _load_tensors_only(path)
+    except Exception as e:
         raise CheckpointError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from e
+
+
+_DENSE_LAYOUTS = (
+    (('backbone', 'neck', 'rpn_head', 'roi_head'), 'mask_head', 'a Mask R-CNN checkpoint (backbone/neck/rpn_head/'
+                                                                'roi_head); use --task maskrcnn or --task backbone'),
+    (('backbone', 'neck', 'rpn_head', 'roi_head'), None, 'a Faster R-CNN checkpoint (backbone/neck/rpn_head/'
+                                                         'roi_head); use --task fasterrcnn or --task backbone'),
+    (('backbone', 'decode_head'), None, 'a UPerNet checkpoint (backbone/decode_head/auxiliary_head); use --task '
+                                        'upernet or --task backbone'),
+    (('backbone', 'neck'), None, 'a detection checkpoint (backbone/neck/...); use --task backbone'),
+    (('backbone',), None, 'a dense backbone checkpoint (backbone.*); use --task backbone'),
+)
+
+
+def dense_layout_hint(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """``'this is a Mask R-CNN checkpoint (...); use --task ...'`` for an mmdet / mmseg state dict, else None."""
+    tops = {k.split('.', 1)[0] for k in state_dict}
+    for groups, marker, text in _DENSE_LAYOUTS:
+        if set(groups) <= tops and (marker is None or any(k.startswith(f'roi_head.{marker}.') for k in state_dict)):
+            return f'this is {text}'
+    return None
+
+
+def _sniff_dense(path) -> Optional[str]:
+    """The :func:`dense_layout_hint` of a file whose weights-only load failed (read tensors-only), or None."""
+    try:
+        return dense_layout_hint(unwrap_state_dict(load_checkpoint_file(path, tensors_only=True), use_ema=False))
+    except Exception:
+        return None
 
 
 def _count(prefix_re: str, keys) -> int:
@@ -190,7 +359,13 @@ def convert_official_file(src, dst, model_name: Optional[str] = None, *, use_ema
     import timm
     from ..io import save_safetensors_atomic
 
-    raw = load_checkpoint_file(src, trust_pickle)
+    try:
+        raw = load_checkpoint_file(src, trust_pickle)
+    except CheckpointError as e:  # an mmdet / mmseg file (mmengine objects beside the tensors): say what it is
+        hint = _sniff_dense(src) if 'besides tensors' in str(e) else None
+        if hint:
+            raise CheckpointError(f'{src}: not a classification checkpoint: {hint}') from e
+        raise
     if is_dit_state_dict(unwrap_state_dict(raw, use_ema)):
         return _convert_dit_file(raw, src, dst, model_name, use_ema, model_kwargs)
     state_dict = convert_official_state_dict(raw, use_ema=use_ema)
