@@ -67,7 +67,20 @@ def cmd_models(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from .dense.convert import convert_dense_file, format_inspection, inspect_checkpoint
     from .models import convert_official_file
+    if args.inspect:
+        print(format_inspection(inspect_checkpoint(args.src, trust_pickle=args.trust_pickle)))
+        return 0
+    if args.dst is None:
+        raise ValueError('give SRC and DST (or --inspect SRC)')
+    report = convert_dense_file(args.src, args.dst, args.task, args.model, trust_pickle=args.trust_pickle)
+    if report is not None:  # a detection / segmentation / backbone file
+        classes = f', {report["num_classes"]} classes' if report.get('num_classes') is not None else ''
+        dropped = f' ({len(report["dropped"])} dropped)' if report['dropped'] else ''
+        print(f'{args.src} -> {args.dst}: {report["task"]} on {report["model"]}{classes}, '
+              f'{report["num_tensors"]} tensors{dropped}')
+        return 0
     name, count = convert_official_file(args.src, args.dst, args.model, use_ema=not args.no_ema,
                                         trust_pickle=args.trust_pickle)
     print(f'{args.src} -> {args.dst}: {name}, {count} tensors')
@@ -219,6 +232,46 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_dense(args) -> int:
+    if args.action == 'train':
+        task = {'det': 'detection', 'seg': 'segmentation'}[args.task]
+        args.overrides = [f'task={task}', *args.overrides]
+        if args.steps is not None:
+            args.overrides.append(f'steps={args.steps}')
+        if args.recipe is None:
+            args.recipe = f'dense_cpu_{task}'
+        started = _start_training(args, 'vittt dense train')
+        if started is None:
+            return 0
+        recipe, info = started
+        if recipe['task'] != task:
+            raise ValueError(f'--task {args.task} runs {task} recipes; this one is a {recipe["task"]!r} recipe')
+        from .tasks.dense.run import train
+        train(recipe, args.data, args.output, info, resume=args.resume, progress=not args.no_progress)
+        return 0
+    if args.action == 'eval':
+        from .engine import init_distributed
+        from .tasks.dense.run import evaluate_checkpoint
+        info = init_distributed(args.device)
+        result = evaluate_checkpoint(args.checkpoint, args.data, info, split=args.split, output=args.output,
+                                     use_ema=not args.no_ema, batch_size=args.batch_size, subset=args.subset)
+        if info.is_main:
+            seg = result['task'] == 'segmentation'
+            shown = {k: v for k, v in result['metrics'].items()
+                     if isinstance(v, float) and (seg or k.endswith(('AP', 'AP50', 'AP75')))}
+            print(f'{result["model"]} {result["task"]} on {result["images"]} {args.split} images: '
+                  + ', '.join(f'{k} {v:.2f}' for k, v in shown.items()) + f' -> {result["output"]}')
+        return 0
+    from .tasks.dense.demo import run_dense_demo
+    run_dense_demo(args.output, steps=args.steps, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import run_make_dense
+    return run_make_dense(args)
+
+
 def cmd_bench(args) -> int:
     from .bench import BenchSettings, render_markdown, run_bench, write_outputs
 
@@ -246,9 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', help='also write the table as JSON to this file')
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser('convert', help='convert an official ViT³/H-ViT³ checkpoint to vittt safetensors')
+    p = sub.add_parser('convert', help='convert an official ViT³/H-ViT³ (classification, Mask R-CNN, UPerNet) '
+                                       'checkpoint to vittt safetensors')
     p.add_argument('src', help='official .pth (plain state dict or wrapped in model / state_dict_ema)')
-    p.add_argument('dst', help='output .safetensors')
+    p.add_argument('dst', nargs='?', help='output .safetensors')
+    p.add_argument('--task', choices=['classification', 'maskrcnn', 'fasterrcnn', 'upernet', 'backbone'],
+                   help='what to convert into (default: detected from the checkpoint; backbone: only the '
+                        'DenseBackbone of a detection / segmentation / classification file)')
+    p.add_argument('--inspect', action='store_true', help='print the task, variant, classes and key groups of SRC')
     p.add_argument('--model', help='registered model name (default: detected from the checkpoint)')
     p.add_argument('--no-ema', action='store_true', help='take the non-EMA weights when both are present')
     p.add_argument('--trust-pickle', action='store_true',
@@ -331,6 +389,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-time', action='store_true', help='skip timing (memory only)')
     p.add_argument('--output', default='results/bench', help='folder for bench.json, bench.md, bench.png')
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser('dense', help='detection / instance / semantic segmentation: train (on the engine), eval, demo')
+    dense = p.add_subparsers(dest='action', required=True)
+    g = dense.add_parser('train', help='train a torchvision detector or an smp UPerNet over a vittt / timm backbone')
+    g.add_argument('--task', choices=('det', 'seg'), required=True, help='det: Mask R-CNN & co.; seg: UPerNet')
+    g.add_argument('--model', help='backbone: any timm model name (default: the recipe\'s)')
+    g.add_argument('--data', help="'fmnist-dense' (generated once), a `vittt data make-dense` folder, COCO 2017 (det) "
+                                  "or ADE20K (seg)")
+    g.add_argument('--output', help='run folder: checkpoints, metrics, curves')
+    g.add_argument('--recipe', help='a shipped recipe (vittt recipes; default dense_cpu_detection / '
+                                    'dense_cpu_segmentation) or a YAML file')
+    g.add_argument('--print-recipe', action='store_true', help='print the resolved recipe and exit')
+    g.add_argument('--epochs', type=int)
+    g.add_argument('--steps', type=int, help='optimizer updates')
+    g.add_argument('--batch-size', type=int, help='per process')
+    g.add_argument('--lr', type=float)
+    g.add_argument('--workers', type=int)
+    g.add_argument('--resume', help='continue a run from its checkpoint (last.pth)')
+    g.add_argument('--device')
+    g.add_argument('--no-progress', action='store_true')
+    g.add_argument('overrides', nargs='*', metavar='key=value', help='override any recipe field')
+    g.set_defaults(func=cmd_dense, img_size=None)
+    g = dense.add_parser('eval', help='COCO box / mask AP or mIoU of a vittt dense train checkpoint')
+    g.add_argument('--checkpoint', required=True, help='last.pth / best.pth of vittt dense train')
+    g.add_argument('--data', default='fmnist-dense')
+    g.add_argument('--split', default='val')
+    g.add_argument('--output', help='metrics JSON (default: <checkpoint>.dense-eval.json)')
+    g.add_argument('--batch-size', type=int)
+    g.add_argument('--subset', type=int, default=0, help='only the first N images (0: all)')
+    g.add_argument('--no-ema', action='store_true', help='the raw weights even when the run kept an EMA')
+    g.add_argument('--device')
+    g.set_defaults(func=cmd_dense)
+    g = dense.add_parser('demo', help='H-ViT³ vs an attention backbone under the same detector and segmenter')
+    g.add_argument('--output', default='results/dense_demo')
+    g.add_argument('--steps', type=int, help='training updates per model and task (default: the demo recipe)')
+    g.add_argument('--quick', action='store_true', help='a minute-long smoke run on the tiny dataset')
+    g.add_argument('--no-progress', action='store_true')
+    g.set_defaults(func=cmd_dense)
+
+    p = sub.add_parser('data', help='datasets: make-dense writes the offline COCO-format detection / segmentation set')
+    data = p.add_subparsers(dest='action', required=True)
+    g = data.add_parser('make-dense', help='COCO-format instances + PNG semantic maps from Fashion-MNIST objects')
+    from .data import add_make_dense_arguments
+    add_make_dense_arguments(g)
+    g.set_defaults(func=cmd_data)
 
     p = sub.add_parser('generate', help='DiT³ / DiT image generation: train (on the engine), sample, evaluate, demo')
     gen = p.add_subparsers(dest='action', required=True)

@@ -2,6 +2,6 @@
 
 Importing this package registers every task, so recipes can name them (``task: classification``).
 """
-from . import classification, generation  # noqa: F401
+from . import classification, dense, generation  # noqa: F401
 
-__all__ = ["classification", "generation"]
+__all__ = ["classification", "dense", "generation"]
