@@ -15,8 +15,8 @@ Presets:
   proposals in training and 1000 / 1000 at test (NMS 0.7), RoI sampler 512 at 0.25 positives, TwoMLP 1024 box
   head, 4 × conv256 mask head, test score 0.05, NMS 0.5, 100 detections.
 * ``'cpu-small'``: the CPU demo (spec §8.1): FPN 64, anchors 16–256, no resizing of 192² canvases
-  (``image_size``), RPN 600 → 300 (train) / 300 → 100 (test), TwoMLP 256 box head, 2 × conv64 mask head, 50
-  detections.
+  (``image_size``), RPN 600 → 300 (train) / 300 → 100 (test), 128 RoIs per image, TwoMLP 256 box head,
+  2 × conv64 mask head, 50 detections.
 
 ``mmdet_compat=True`` switches two torchvision choices to mmdet's, for closer inference with converted official
 checkpoints: unrounded base anchors and ``aligned=True`` adaptive-sampling RoIAlign (mmcv's defaults).
@@ -48,7 +48,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                      mask_layers=(256, 256, 256, 256)),
     'cpu-small': dict(fpn_channels=64, anchor_sizes=(16, 32, 64, 128, 256), min_size=192, max_size=192,
                       rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
-                      rpn_post_nms_top_n_test=100, box_batch_size_per_image=256, box_positive_fraction=0.25,
+                      rpn_post_nms_top_n_test=100, box_batch_size_per_image=128, box_positive_fraction=0.25,
                       box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=50, representation=256,
                       mask_layers=(64, 64)),
 }

@@ -122,11 +122,11 @@ def load_dense_checkpoint(checkpoint, val_set=None, use_ema: bool = True, device
     recipe = ckpt['recipe']
     if recipe.get('task') not in ('detection', 'segmentation'):
         raise ValueError(f'{checkpoint}: a {recipe.get("task")!r} checkpoint, not a detection / segmentation one')
-    if val_set is None:
-        task = (DetectionTask(recipe) if recipe['task'] == 'detection' else SegmentationTask(recipe)) \
-            if recipe.get('num_classes') else None
-        if task is None:
-            raise ValueError(f'{checkpoint}: give the dataset (its class count is not in the recipe)')
+    if val_set is None:  # the class count is part of the run's identity
+        num_classes = recipe.get('num_classes') or ckpt.get('identity', {}).get('num_classes')
+        if not num_classes:
+            raise ValueError(f'{checkpoint}: give the dataset (the checkpoint does not record its class count)')
+        task = (DetectionTask if recipe['task'] == 'detection' else SegmentationTask)(recipe, num_classes)
     else:
         task = build_task(recipe, val_set)
     model = task.build_model()

@@ -128,7 +128,7 @@ class DetectionTask(Task):
         self.masks = recipe['detector'] == 'maskrcnn'
 
     def identity(self) -> Dict[str, Any]:
-        return dict(model_name=self.recipe['model'], detector=self.recipe['detector'])
+        return dict(model_name=self.recipe['model'], detector=self.recipe['detector'], num_classes=self.num_classes)
 
     def build_model(self) -> nn.Module:
         from ...dense import build_detector
@@ -202,6 +202,9 @@ class SegmentationTask(Task):
         if not self.num_classes:
             raise ValueError('the segmentation task needs num_classes (from the data or the recipe)')
         self.class_names = class_names
+
+    def identity(self) -> Dict[str, Any]:
+        return dict(model_name=self.recipe['model'], num_classes=self.num_classes)
 
     def build_model(self) -> nn.Module:
         from ...dense import build_upernet
