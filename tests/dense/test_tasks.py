@@ -113,3 +113,36 @@ def test_cli_train_and_eval(tiny_dense, tmp_path, capsys):
     assert 'mIoU' in capsys.readouterr().out
     assert main(['dense', 'train', '--task', 'det', '--data', str(tmp_path / 'missing'), '--output', str(out)]) == 2
     assert 'does not exist' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_detection(tiny_dense, tmp_path, free_port):
+    """DDP over gloo: the COCO results of both ranks' validation shards are gathered (every val image scored once);
+    rank 0 alone logs and writes."""
+    import os
+    import subprocess
+    import sys
+    kwargs = json.dumps(MICRO).replace(' ', '')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                          f'--master_port={free_port}', '-m', 'vittt.cli', 'dense', 'train', '--task', 'det',
+                          '--data', str(tiny_dense), '--output', str(tmp_path / 'two'), '--steps', '2',
+                          '--batch-size', '2', '--device', 'cpu', '--no-progress', f'model_kwargs={kwargs}',
+                          'image_size=96', 'warmup_steps=1', 'val_subset=0'],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count('"step": 2') == 1
+    ckpt = torch.load(tmp_path / 'two' / 'last.pth', weights_only=True)
+    assert ckpt['world_size'] == 2 and ckpt['num_updates'] == 2
+    from vittt.data import CocoInstances
+    from vittt.engine import DistInfo, StepContext, eval_loader
+    from vittt.tasks.dense.run import load_dense_checkpoint
+    val = CocoInstances(tiny_dense, 'val')
+    task, model, _ = load_dense_checkpoint(tmp_path / 'two' / 'last.pth', val)
+    info = DistInfo()
+    ctx = StepContext(recipe=task.recipe, device=torch.device('cpu'), info=info, epoch=0, step=2, ema=None,
+                      autocast=__import__('contextlib').nullcontext)
+    single = task.evaluate(model, eval_loader(val, 2, 0, info, task.collate_fn()), ctx)
+    row = json.loads((tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()[-1])
+    for key, value in single.items():  # the 2-shard evaluation equals a single-process one
+        assert row[key] == pytest.approx(value, abs=1e-9), key
