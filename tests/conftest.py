@@ -50,6 +50,31 @@ def _same_run(full, resumed):
     assert strip(on_disk) == strip(full.history)
 
 
+def _kill_at(trainer, update: int) -> None:
+    """Run ``trainer.fit()`` until it is killed when ``update`` updates are done; its in-memory state diverges first,
+    so only the checkpoint on disk can matter to a resume."""
+    class Killed(Exception):
+        pass
+
+    step = trainer._update
+
+    def dies(batch):
+        if trainer.num_updates == update:
+            trainer.optimizer.step()
+            raise Killed
+        step(batch)
+
+    trainer._update = dies
+    with pytest.raises(Killed):
+        trainer.fit()
+
+
+@pytest.fixture(scope='session')
+def kill_at():
+    """``kill_at(trainer, update)``: see :func:`_kill_at` (the kill-and-resume tests of every task)."""
+    return _kill_at
+
+
 @pytest.fixture(scope='session')
 def assert_same_run():
     """``assert_same_run(full, resumed)``: see :func:`_same_run` (the kill-and-resume tests of every task)."""

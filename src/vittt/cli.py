@@ -288,6 +288,28 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_run_arguments(p, model: str, data: str, recipe: str, output: str = 'run folder: checkpoints, metrics, curves',
+                       lengths=('epochs',)) -> None:
+    """The arguments every training command shares (``vittt train``, ``generate train``, ``dense train``)."""
+    p.add_argument('--model', help=model)
+    p.add_argument('--data', help=data)
+    p.add_argument('--output', help=output)
+    p.add_argument('--recipe', help=recipe)
+    p.add_argument('--print-recipe', action='store_true', help='print the resolved recipe and exit')
+    if 'epochs' in lengths:
+        p.add_argument('--epochs', type=int)
+    if 'steps' in lengths:
+        p.add_argument('--steps', type=int, help='optimizer updates')
+    p.add_argument('--batch-size', type=int, help='per process')
+    p.add_argument('--lr', type=float, help='base lr per lr_base_batch images (scaled by the global batch; no scaling '
+                                            'when lr_base_batch is null)')
+    p.add_argument('--workers', type=int, help='data-loading processes per training process')
+    p.add_argument('--resume', help='continue a run from its checkpoint (last.pth)')
+    p.add_argument('--device', help='cpu, cuda, cuda:1 ... (default: the local GPU if any)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('overrides', nargs='*', metavar='key=value', help='override any recipe field')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='vittt', description='Test-Time-Training vision backbones.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -317,22 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser('train', help='train a model (ours or timm\'s) with the papers\' recipe; works under torchrun')
-    p.add_argument('--model', help='timm model name (default: the recipe\'s)')
-    p.add_argument('--data', help="'fashion-mnist', a folder with train/ and val/ class folders, "
-                                  "or a timm dataset name")
-    p.add_argument('--output', help='run folder: checkpoints, metrics, curves')
-    p.add_argument('--recipe', help='a shipped recipe name (vittt recipes) or a YAML file (default: the shipped recipe '
-                                    'of --model when there is one, else the defaults)')
-    p.add_argument('--print-recipe', action='store_true', help='print the resolved recipe and exit')
-    p.add_argument('--epochs', type=int)
+    _add_run_arguments(p, model='timm model name (default: the recipe\'s)',
+                       data="'fashion-mnist', a folder with train/ and val/ class folders, or a timm dataset name",
+                       recipe='a shipped recipe name (vittt recipes) or a YAML file (default: the shipped recipe of '
+                              '--model when there is one, else the defaults)')
     p.add_argument('--img-size', type=int)
-    p.add_argument('--batch-size', type=int, help='per process')
-    p.add_argument('--lr', type=float, help='base lr per lr_base_batch images (scaled by the global batch)')
-    p.add_argument('--workers', type=int, help='data-loading processes per training process')
-    p.add_argument('--resume', help='continue a run from its checkpoint (last.pth)')
-    p.add_argument('--device', help='cpu, cuda, cuda:1 ... (default: the local GPU if any)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.add_argument('overrides', nargs='*', metavar='key=value', help='override any recipe field')
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser('eval', help='top-1/top-5/loss of a checkpoint or (converted) official weights on a dataset')
@@ -394,22 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     dense = p.add_subparsers(dest='action', required=True)
     g = dense.add_parser('train', help='train a torchvision detector or an smp UPerNet over a vittt / timm backbone')
     g.add_argument('--task', choices=('det', 'seg'), required=True, help='det: Mask R-CNN & co.; seg: UPerNet')
-    g.add_argument('--model', help='backbone: any timm model name (default: the recipe\'s)')
-    g.add_argument('--data', help="'fmnist-dense' (generated once), a `vittt data make-dense` folder, COCO 2017 (det) "
-                                  "or ADE20K (seg)")
-    g.add_argument('--output', help='run folder: checkpoints, metrics, curves')
-    g.add_argument('--recipe', help='a shipped recipe (vittt recipes; default dense_cpu_detection / '
-                                    'dense_cpu_segmentation) or a YAML file')
-    g.add_argument('--print-recipe', action='store_true', help='print the resolved recipe and exit')
-    g.add_argument('--epochs', type=int)
-    g.add_argument('--steps', type=int, help='optimizer updates')
-    g.add_argument('--batch-size', type=int, help='per process')
-    g.add_argument('--lr', type=float)
-    g.add_argument('--workers', type=int)
-    g.add_argument('--resume', help='continue a run from its checkpoint (last.pth)')
-    g.add_argument('--device')
-    g.add_argument('--no-progress', action='store_true')
-    g.add_argument('overrides', nargs='*', metavar='key=value', help='override any recipe field')
+    _add_run_arguments(g, model='backbone: any timm model name (default: the recipe\'s)',
+                       data="'fmnist-dense' (generated once), a `vittt data make-dense` folder, COCO 2017 (det) or "
+                            "ADE20K (seg)",
+                       recipe='a shipped recipe (vittt recipes; default dense_cpu_detection / dense_cpu_segmentation) '
+                              'or a YAML file', lengths=('epochs', 'steps'))
     g.set_defaults(func=cmd_dense, img_size=None)
     g = dense.add_parser('eval', help='COCO box / mask AP or mIoU of a vittt dense train checkpoint')
     g.add_argument('--checkpoint', required=True, help='last.pth / best.pth of vittt dense train')
@@ -438,20 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('generate', help='DiT³ / DiT image generation: train (on the engine), sample, evaluate, demo')
     gen = p.add_subparsers(dest='action', required=True)
     g = gen.add_parser('train', help='train a DiT³ / DiT (step-based, the official recipe by default)')
-    g.add_argument('--model', help='dit3_{s,b,l,xl}_{2,4,8} or dit_* (or DiTTT-B/2, DiT-B/2)')
-    g.add_argument('--data', help="'fashion-mnist' (pixel space, 32×32) or a folder with train/ (val/) classes")
-    g.add_argument('--output', help='run folder: checkpoints, metrics, curves, samples/')
-    g.add_argument('--recipe', help='a shipped recipe name (vittt recipes) or a YAML file')
-    g.add_argument('--print-recipe', action='store_true', help='print the resolved recipe and exit')
-    g.add_argument('--steps', type=int, help='optimizer updates')
+    _add_run_arguments(g, model='dit3_{s,b,l,xl}_{2,4,8} or dit_* (or DiTTT-B/2, DiT-B/2)',
+                       data="'fashion-mnist' (pixel space, 32×32) or a folder with train/ (val/) classes",
+                       recipe='a shipped recipe name (vittt recipes) or a YAML file',
+                       output='run folder: checkpoints, metrics, curves, samples/', lengths=('steps',))
     g.add_argument('--vae', help='local AutoencoderKL folder: train in its latent space (default: pixel space)')
-    g.add_argument('--batch-size', type=int, help='per process')
-    g.add_argument('--lr', type=float)
-    g.add_argument('--workers', type=int)
-    g.add_argument('--resume', help='continue a run from its checkpoint (last.pth)')
-    g.add_argument('--device')
-    g.add_argument('--no-progress', action='store_true')
-    g.add_argument('overrides', nargs='*', metavar='key=value', help='override any recipe field')
     g.set_defaults(func=cmd_generate, epochs=None, img_size=None)
     g = gen.add_parser('sample', help='samples of a generation checkpoint as a PNG grid (and an ADM .npz)')
     g.add_argument('--checkpoint', required=True, help='last.pth / best.pth of vittt generate train')

@@ -61,25 +61,13 @@ def test_detection_learns(tiny_dense, tmp_path):
     assert history[-1]['segm_AP50'] > before['segm_AP50']
 
 
-def test_detection_resume_after_a_kill_equals_the_uninterrupted_run(tiny_dense, tmp_path, assert_same_run):
+def test_detection_resume_after_a_kill_equals_the_uninterrupted_run(tiny_dense, tmp_path, assert_same_run, kill_at):
     recipe, train, val = _detection(tiny_dense, checkpoint_every=2)
     full = Trainer(build_task(recipe, val), train, val, tmp_path / 'full', progress=False)
     full.fit()
 
-    class Killed(Exception):
-        pass
-
     broken = Trainer(build_task(recipe, val), train, val, tmp_path / 'run', progress=False)
-    update = broken._update
-
-    def dies(batch):
-        if broken.num_updates == 3:
-            raise Killed
-        update(batch)
-
-    broken._update = dies
-    with pytest.raises(Killed):
-        broken.fit()
+    kill_at(broken, 3)
     assert torch.load(tmp_path / 'run' / 'last.pth', weights_only=True)['num_updates'] == 2
     resumed = Trainer(build_task(recipe, val), train, val, tmp_path / 'run', resume=tmp_path / 'run' / 'last.pth',
                       progress=False)

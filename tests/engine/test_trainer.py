@@ -67,27 +67,15 @@ def test_step_based_run_logs_every_eval_and_keeps_the_best_by_minimum(tmp_path):
 
 
 @pytest.mark.parametrize('workers', [0, 2])
-def test_resume_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_run(tmp_path, workers, assert_same_run):
+def test_resume_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_run(tmp_path, workers, assert_same_run,
+                                                                         kill_at):
     data = NoisyRegression()
     recipe = _recipe(steps=22, checkpoint_every=3, num_workers=workers)  # 8 updates an epoch: 3, 6 | 9 ... mid-epoch
     full = Trainer(RegressionTask(recipe), data, data, tmp_path / 'full', progress=False)
     full.fit()
 
-    class Killed(Exception):
-        pass
-
     broken = Trainer(RegressionTask(recipe), data, data, tmp_path / 'run', progress=False)
-    update = broken._update
-
-    def dies_after_13(batch):
-        if broken.num_updates == 13:
-            broken.optimizer.step()  # in-memory state diverges: only the checkpoint on disk may matter
-            raise Killed
-        update(batch)
-
-    broken._update = dies_after_13
-    with pytest.raises(Killed):
-        broken.fit()
+    kill_at(broken, 13)
     ckpt = torch.load(tmp_path / 'run' / 'last.pth', weights_only=True)
     assert ckpt['num_updates'] == 12 and ckpt['num_updates'] % 8  # written mid-epoch, inside a log window
     resumed = Trainer(RegressionTask(recipe), data, data, tmp_path / 'run', resume=tmp_path / 'run' / 'last.pth',

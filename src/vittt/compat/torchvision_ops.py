@@ -110,6 +110,17 @@ def _load_real_extension() -> bool:
     return _op_registered("torchvision::nms")
 
 
+def _check_nms_args(dets: torch.Tensor, scores: torch.Tensor) -> None:
+    torch._check(dets.dim() == 2, lambda: f"boxes should be a 2d tensor, got {dets.dim()}D")
+    torch._check(dets.size(1) == 4, lambda: f"boxes should have 4 elements in dimension 1, got {dets.size(1)}")
+    torch._check(scores.dim() == 1, lambda: f"scores should be a 1d tensor, got {scores.dim()}D")
+    torch._check(
+        dets.size(0) == scores.size(0),
+        lambda: f"boxes and scores should have same number of elements in dimension 0, "
+        f"got {dets.size(0)} and {scores.size(0)}",
+    )
+
+
 def nms_reference(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Greedy NMS with the semantics of torchvision's CPU kernel.
 
@@ -120,14 +131,7 @@ def nms_reference(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float
     half/bfloat16/integer boxes) and compared to the threshold in float64, like
     the C++ kernel; 0/0 IoU of empty boxes is NaN and never suppresses.
     """
-    torch._check(dets.dim() == 2, lambda: f"boxes should be a 2d tensor, got {dets.dim()}D")
-    torch._check(dets.size(1) == 4, lambda: f"boxes should have 4 elements in dimension 1, got {dets.size(1)}")
-    torch._check(scores.dim() == 1, lambda: f"scores should be a 1d tensor, got {scores.dim()}D")
-    torch._check(
-        dets.size(0) == scores.size(0),
-        lambda: f"boxes and scores should have same number of elements in dimension 0, "
-        f"got {dets.size(0)} and {scores.size(0)}",
-    )
+    _check_nms_args(dets, scores)
     n = dets.size(0)
     if n == 0:
         return torch.empty(0, dtype=torch.long, device=dets.device)
@@ -171,9 +175,7 @@ def nms_blocked(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
     greedily inside itself from its [block, block] "suppresses" matrix, walked in NumPy. Memory is O(block · (kept +
     block)); time is dominated by a few large tensor operations instead of one small kernel sequence per kept box
     (the reference took about half of a small Mask R-CNN training step on CPU)."""
-    torch._check(dets.dim() == 2 and dets.size(-1) == 4, lambda: f"boxes should be [N, 4], got {tuple(dets.shape)}")
-    torch._check(scores.dim() == 1 and scores.size(0) == dets.size(0),
-                 lambda: f"boxes and scores should have the same length, got {dets.size(0)} and {scores.size(0)}")
+    _check_nms_args(dets, scores)
     n = dets.size(0)
     if n == 0:
         return torch.empty(0, dtype=torch.long, device=dets.device)

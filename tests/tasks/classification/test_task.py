@@ -40,28 +40,15 @@ def test_training_steps_change_weights_and_lower_the_loss(tmp_path):
     assert history[-1]['train_loss'] < 0.7 * history[0]['train_loss']
 
 
-def test_resume_after_interruption_equals_uninterrupted(tmp_path, assert_same_run):
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, assert_same_run, kill_at):
     data = _data()
     recipe = load_recipe(None, dict(TINY, epochs=3, mixup=0.8, cutmix=1.0, model_ema=True, mesa=1.0, mesa_start=0.5,
                                     drop_path=0.1, lr=0.05))  # MESA from epoch 2: its teacher state must resume too
     full = _trainer(recipe, data, data, 4, tmp_path / 'full')
     full.fit()
 
-    class Killed(Exception):
-        pass
-
     broken = _trainer(recipe, data, data, 4, tmp_path / 'run')
-    update = broken._update
-
-    def dies_in_third_epoch(batch):
-        if broken.num_updates == 2 * broken.iters_per_epoch + 2:
-            broken.optimizer.step()  # state in memory diverges; only the checkpoint on disk may matter
-            raise Killed
-        update(batch)
-
-    broken._update = dies_in_third_epoch
-    with pytest.raises(Killed):
-        broken.fit()
+    kill_at(broken, 2 * broken.iters_per_epoch + 2)  # in the third epoch
     resumed = _trainer(recipe, data, data, 4, tmp_path / 'run', resume=tmp_path / 'run' / 'last.pth')
     assert resumed.epoch == 2
     resumed.fit()
