@@ -120,3 +120,16 @@ def test_bad_arguments():
         build_maskrcnn('resnet10t', 0)
     with pytest.raises(ValueError, match='not a registered timm model'):
         build_maskrcnn('no_such_net', 3)
+
+
+def test_bf16_autocast_training_step_is_finite():
+    """AMP on CPU: the detector runs in bf16 with the TTT inner update kept in fp32 (the engine's amp=bf16)."""
+    name, kwargs = HVIT3
+    model = build_maskrcnn(name, 10, preset='cpu-small', image_size=96, backbone_kwargs=kwargs)
+    images, targets = _batch()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
