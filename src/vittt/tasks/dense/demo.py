@@ -96,7 +96,7 @@ def measure_eval_memory(checkpoint, task: str, size: int, threads: int = 2) -> D
         return dict(error=(done.stderr.strip().splitlines() or ['no output'])[-1])
 
 
-def _draw_detections(path: Path, val_set, models: Dict[str, Any], count: int = 4, threshold: float = 0.5) -> None:
+def _draw_detections(path: Path, val_set, models: Dict[str, Any], count: int = 4, threshold: float = 0.3) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -117,7 +117,7 @@ def _draw_detections(path: Path, val_set, models: Dict[str, Any], count: int = 4
                 shown = image.permute(1, 2, 0).clone()
                 keep = res['scores'] >= threshold
                 for k in keep.nonzero().flatten().tolist():
-                    colour = torch.tensor(plt.cm.tab10(int(res['labels'][k]) % 10)[:3], dtype=torch.float32)
+                    colour = torch.tensor(plt.cm.tab10((int(res['labels'][k]) - 1) % 10)[:3], dtype=torch.float32)
                     mask = res['masks'][k, 0] >= 0.5
                     shown[mask] = 0.5 * shown[mask] + 0.5 * colour
                     x1, y1, x2, y2 = res['boxes'][k].tolist()
@@ -142,7 +142,9 @@ def _draw_segmentations(path: Path, val_set, models: Dict[str, Any], count: int 
 
     names = ['image', 'ground truth'] + list(models)
     fig, axes = plt.subplots(count, len(names), figsize=(3 * len(names), 3 * count), squeeze=False)
-    cmap = plt.get_cmap('tab20', val_set.num_classes)
+    from matplotlib.colors import ListedColormap
+    colours = [(0.0, 0.0, 0.0)] + [plt.cm.tab10(i)[:3] for i in range(val_set.num_classes - 1)]
+    cmap = ListedColormap(colours)  # background black, one tab10 colour per class (as the detection picture)
     with torch.no_grad():
         for row in range(count):
             image, label = val_set[row]
