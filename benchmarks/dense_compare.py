@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
     output, started = Path(args.output), time.perf_counter()
     info = init_distributed('cpu')
     root = resolve_dense_data(args.data, info)
-    result = dict(command='python benchmarks/dense_compare.py ' + ' '.join(argv or []), seeds=args.seeds,
+    shown = sys.argv[1:] if argv is None else list(argv)
+    result = dict(command='python benchmarks/dense_compare.py ' + ' '.join(shown), seeds=args.seeds,
                   sizes=args.sizes, tasks={})
     for task in args.tasks:
         rows, models = {}, {}
