@@ -110,7 +110,9 @@ def _load_real_extension() -> bool:
     return _op_registered("torchvision::nms")
 
 
-def _check_nms_args(dets: torch.Tensor, scores: torch.Tensor) -> None:
+def _nms_inputs(dets: torch.Tensor, scores: torch.Tensor):
+    """The checked arguments of an NMS: ``(boxes in float32 / float64, indices by decreasing score, ties in input
+    order)``, or None when there are no boxes."""
     torch._check(dets.dim() == 2, lambda: f"boxes should be a 2d tensor, got {dets.dim()}D")
     torch._check(dets.size(1) == 4, lambda: f"boxes should have 4 elements in dimension 1, got {dets.size(1)}")
     torch._check(scores.dim() == 1, lambda: f"scores should be a 1d tensor, got {scores.dim()}D")
@@ -119,6 +121,11 @@ def _check_nms_args(dets: torch.Tensor, scores: torch.Tensor) -> None:
         lambda: f"boxes and scores should have same number of elements in dimension 0, "
         f"got {dets.size(0)} and {scores.size(0)}",
     )
+    if dets.size(0) == 0:
+        return None
+    if dets.dtype not in (torch.float32, torch.float64):
+        dets = dets.float()
+    return dets, torch.argsort(scores, descending=True, stable=True)
 
 
 def nms_reference(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -131,13 +138,11 @@ def nms_reference(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float
     half/bfloat16/integer boxes) and compared to the threshold in float64, like
     the C++ kernel; 0/0 IoU of empty boxes is NaN and never suppresses.
     """
-    _check_nms_args(dets, scores)
-    n = dets.size(0)
-    if n == 0:
+    prepared = _nms_inputs(dets, scores)
+    if prepared is None:
         return torch.empty(0, dtype=torch.long, device=dets.device)
-    if dets.dtype not in (torch.float32, torch.float64):
-        dets = dets.float()
-    order = torch.argsort(scores, descending=True, stable=True)
+    dets, order = prepared
+    n = dets.size(0)
     x1, y1, x2, y2 = dets[order].unbind(1)
     areas = (x2 - x1) * (y2 - y1)
 
@@ -175,13 +180,11 @@ def nms_blocked(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
     greedily inside itself from its [block, block] "suppresses" matrix, walked in NumPy. Memory is O(block · (kept +
     block)); time is dominated by a few large tensor operations instead of one small kernel sequence per kept box
     (the reference took about half of a small Mask R-CNN training step on CPU)."""
-    _check_nms_args(dets, scores)
-    n = dets.size(0)
-    if n == 0:
+    prepared = _nms_inputs(dets, scores)
+    if prepared is None:
         return torch.empty(0, dtype=torch.long, device=dets.device)
-    if dets.dtype not in (torch.float32, torch.float64):
-        dets = dets.float()
-    order = torch.argsort(scores, descending=True, stable=True)
+    dets, order = prepared
+    n = dets.size(0)
     boxes = dets[order]
     kept_positions = []
     kept_boxes = boxes[:0]
