@@ -116,9 +116,10 @@ def train(recipe: Dict[str, Any], data, output, info: DistInfo, resume: Optional
     return Trainer(task, train_set, val_set, output, info, resume=resume, progress=progress).fit()
 
 
-def load_dense_checkpoint(checkpoint, val_set=None, use_ema: bool = True, device='cpu'):
-    """``(task, model, ckpt)`` from a ``vittt dense train`` checkpoint (the EMA weights when the run kept them)."""
-    ckpt = load_training_checkpoint(checkpoint)
+def load_dense_checkpoint(checkpoint, val_set=None, use_ema: bool = True, device='cpu', ckpt=None):
+    """``(task, model, ckpt)`` from a ``vittt dense train`` checkpoint (the EMA weights when the run kept them);
+    ``ckpt``: the checkpoint already loaded from that file."""
+    ckpt = ckpt if ckpt is not None else load_training_checkpoint(checkpoint)
     recipe = ckpt['recipe']
     if recipe.get('task') not in ('detection', 'segmentation'):
         raise ValueError(f'{checkpoint}: a {recipe.get("task")!r} checkpoint, not a detection / segmentation one')
@@ -140,10 +141,11 @@ def evaluate_checkpoint(checkpoint, data, info: DistInfo, split: str = 'val', ou
     """Score a checkpoint on ``split`` of ``data``; writes ``<checkpoint>.dense-eval.json`` (and the COCO results
     of a detector beside it); returns the metrics with the file names."""
     from ...data import CocoInstances, SemanticMaps, first_n
-    recipe = load_training_checkpoint(checkpoint)['recipe']
+    ckpt = load_training_checkpoint(checkpoint)
+    recipe = ckpt['recipe']
     root = resolve_dense_data(data, info)
     dataset = CocoInstances(root, split) if recipe['task'] == 'detection' else SemanticMaps(root, split)
-    task, model, ckpt = load_dense_checkpoint(checkpoint, dataset, use_ema, info.device)
+    task, model, ckpt = load_dense_checkpoint(checkpoint, dataset, use_ema, info.device, ckpt=ckpt)
     dataset = first_n(dataset, subset)
     loader = eval_loader(dataset, batch_size or recipe['batch_size'], 0, info, task.collate_fn())
     ctx = StepContext(recipe=recipe, device=info.device, info=info, epoch=ckpt['epoch'], step=ckpt['num_updates'],

@@ -101,6 +101,14 @@ def _percent(metrics: Dict[str, float]) -> Dict[str, float]:
     return {k: 100.0 * v for k, v in metrics.items()}
 
 
+def _num_classes(recipe: Dict[str, Any], from_data: Optional[int], task: str) -> int:
+    """The recipe's class count, else the data's; an error when neither gives one."""
+    count = recipe['num_classes'] or from_data
+    if not count:
+        raise ValueError(f'the {task} task needs num_classes (from the data or the recipe)')
+    return count
+
+
 def _recipe_backbone_kwargs(recipe: Dict[str, Any]) -> Dict[str, Any]:
     kwargs = dict(recipe.get('model_kwargs') or {})
     kwargs.update(checkpoint=recipe['backbone_checkpoint'], frozen_stages=recipe['frozen_stages'],
@@ -120,9 +128,7 @@ class DetectionTask(Task):
     def __init__(self, recipe: Dict[str, Any], num_classes: Optional[int] = None, coco_gt=None,
                  label_to_cat_id: Optional[Dict[int, int]] = None, class_names: Optional[List[str]] = None):
         super().__init__(recipe)
-        self.num_classes = recipe['num_classes'] or num_classes
-        if not self.num_classes:
-            raise ValueError('the detection task needs num_classes (from the data or the recipe)')
+        self.num_classes = _num_classes(recipe, num_classes, self.name)
         self.coco_gt, self.class_names = coco_gt, class_names
         self.label_to_cat_id = label_to_cat_id or {k: k for k in range(1, self.num_classes + 1)}
         self.masks = recipe['detector'] == 'maskrcnn'
@@ -198,9 +204,7 @@ class SegmentationTask(Task):
     def __init__(self, recipe: Dict[str, Any], num_classes: Optional[int] = None,
                  class_names: Optional[List[str]] = None):
         super().__init__(recipe)
-        self.num_classes = recipe['num_classes'] or num_classes
-        if not self.num_classes:
-            raise ValueError('the segmentation task needs num_classes (from the data or the recipe)')
+        self.num_classes = _num_classes(recipe, num_classes, self.name)
         self.class_names = class_names
 
     def identity(self) -> Dict[str, Any]:
