@@ -497,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-progress', action='store_true')
     g.set_defaults(func=cmd_generate)
 
+    from .tasks.explain.cli import add_explain_parser
+    add_explain_parser(sub)  # vittt explain erf / tokens (their cmd_* functions are set on the subparsers)
+
     p = sub.add_parser('demo', help='Fashion-MNIST: ViT³ vs DeiT at equal recipe and budget, with a report')
     p.add_argument('--output', default='results/demo')
     p.add_argument('--epochs', type=int, default=None)

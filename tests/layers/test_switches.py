@@ -11,7 +11,7 @@ import torch
 import vittt
 import vittt.layers.inner as inner_module
 import vittt.layers.vision_ttt as vision_ttt_module
-import vittt.ops.dwconv as dwconv_module
+import vittt.ops.dwconv.composable as dwconv_module
 from vittt.layers import (DWConvInner, FastPathSettings, PerModule, SwiGLUInner, TTTMixer, VisionTTTMixer,
                           fast_path, fast_path_settings, set_fast_path, set_memory_lean)
 from vittt.ops import dwconv_inner_grad, dwconv_per_sample, get_dwconv_backend

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from vittt.layers import DWConvInner, InnerModel, RoPE2d, SwiGLUInner, TTTMixer, VisionTTTMixer, rope_2d_angles
 from vittt.ops import DotProductLoss
-from vittt.ops.reference import reference_dwconv_ttt, reference_swiglu_ttt
+from vittt.ops.dwconv.reference import reference_dwconv_ttt
+from vittt.ops.glu.reference import reference_swiglu_ttt
 
 
 def spec_mixer(mixer: TTTMixer, x, grid, rope=None):

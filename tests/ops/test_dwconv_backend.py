@@ -5,7 +5,7 @@ import torch
 
 import vittt.ops
 from vittt.ops import DWCONV_BACKENDS, dwconv_inner_grad, dwconv_per_sample, get_dwconv_backend
-from vittt.ops.reference import shifted_dwconv
+from vittt.ops.dwconv.reference import shifted_dwconv
 
 
 def _run_both(fn, dwconv_backend):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vittt.ops import DotProductLoss, dwconv_ttt_fused
-from vittt.ops.reference import reference_dwconv_ttt
+from vittt.ops.dwconv.reference import reference_dwconv_ttt
 
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-6)}
 

@@ -4,8 +4,8 @@ import torch
 
 from vittt.ops import (DotProductLoss, MSELoss, dwconv_inner_grad, dwconv_ttt, get_inner_loss, soft_normalize,
                        swiglu_inner_grads, swiglu_ttt)
-from vittt.ops.reference import (reference_dwconv_grad, reference_dwconv_ttt, reference_swiglu_grads,
-                                 reference_swiglu_ttt, shifted_dwconv)
+from vittt.ops.dwconv.reference import reference_dwconv_grad, reference_dwconv_ttt, shifted_dwconv
+from vittt.ops.glu.reference import reference_swiglu_grads, reference_swiglu_ttt
 
 LOSSES = [DotProductLoss(), MSELoss()]
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from vittt.ops import gelu_grad, ln_l2_grad, minibatch_coefficients, ttt_scan
-from vittt.ops.minibatch import layer_norm
-from vittt.ops.reference import reference_ttt_scan
+from vittt.ops.scan import layer_norm
+from vittt.ops.scan.reference import reference_ttt_scan
 
 B, H, N, D, M = 2, 2, 11, 4, 8
 

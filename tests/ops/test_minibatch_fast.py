@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vittt.ops import ln_l2_grad, ln_l2_grad_parts, ttt_scan, ttt_scan_fused
-from vittt.ops.reference import reference_ttt_scan
+from vittt.ops.scan.reference import reference_ttt_scan
 
 B, H, N, D, M = 2, 2, 11, 4, 8
 SIZES = [1, 3, 4, N, N + 5]  # 1, non-dividing (last mini-batch of 2), non-dividing (of 3), N, larger than N

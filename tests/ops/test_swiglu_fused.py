@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vittt.ops import DotProductLoss, swiglu_ttt_fused
-from vittt.ops.reference import reference_swiglu_ttt
+from vittt.ops.glu.reference import reference_swiglu_ttt
 
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-6)}
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.minibatch import ttt_scan, ttt_scan_fused
+from ..ops.scan import ttt_scan, ttt_scan_fused
 from ..ops.precision import in_float32
 from .grid import GridSize, map_to_tokens, tokens_to_map
 

@@ -41,12 +41,12 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ._capture import capturing_for_export
-from .inner_loss import InnerLoss
-from .normalize import inner_step, soft_normalize_backward
+from .._capture import capturing_for_export
+from ..loss import InnerLoss
+from ..normalize import inner_step
 
 __all__ = ['DWCONV_BACKENDS', 'dwconv_backend', 'dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt',
-           'dwconv_ttt_fused', 'get_dwconv_backend']
+           'get_dwconv_backend', 'stepped_kernel']
 
 DWCONV_BACKENDS = ('auto', 'grouped', 'shifted')
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar('vittt_dwconv_backend', default='auto')
@@ -143,49 +143,9 @@ def dwconv_ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.
     prediction = F.conv2d(k, weight, padding=ks // 2, groups=channels) if loss.needs_prediction else None
     e = loss.grad(prediction, v, scale, k.shape[-2] * k.shape[-1])
     grad = dwconv_inner_grad(k, e, ks)
-    return dwconv_per_sample(q, _stepped_kernel(weight, grad, inner_lr, normalize))
+    return dwconv_per_sample(q, stepped_kernel(weight, grad, inner_lr, normalize))
 
 
-def _stepped_kernel(weight: torch.Tensor, grad: torch.Tensor, inner_lr: float, normalize: bool) -> torch.Tensor:
+def stepped_kernel(weight: torch.Tensor, grad: torch.Tensor, inner_lr: float, normalize: bool) -> torch.Tensor:
     """W' ``[B, C, k, k]`` from W ``[C, 1, k, k]`` and the per-sample gradient."""
     return inner_step(weight.transpose(0, 1), grad, inner_lr, (-2, -1), normalize)
-
-
-class _DWConvTTT(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, q, k, v, weight, c: float, inner_lr: float, normalize: bool):
-        ks = weight.shape[-1]
-        grad = dwconv_inner_grad(k, v * c, ks)
-        ctx.save_for_backward(q, k, v, weight, grad)
-        ctx.c, ctx.inner_lr, ctx.normalize = c, inner_lr, normalize
-        return dwconv_per_sample(q, _stepped_kernel(weight, grad, inner_lr, normalize))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, weight, grad = ctx.saved_tensors
-        c, lr = ctx.c, ctx.inner_lr
-        ks = weight.shape[-1]
-        kernel = _stepped_kernel(weight, grad, lr, ctx.normalize)
-        grad_q = dwconv_per_sample(grad_out, kernel.flip(-2, -1))
-        grad_kernel = dwconv_inner_grad(q, grad_out, ks)
-        grad_step = grad_kernel * -lr
-        grad_grad = soft_normalize_backward(grad, grad_step, (-2, -1)) if ctx.normalize else grad_step
-        grad_e = dwconv_per_sample(k, grad_grad)
-        grad_k = dwconv_per_sample(v * c, grad_grad.flip(-2, -1))
-        return grad_q, grad_k, grad_e.mul_(c), grad_kernel.sum(0).unsqueeze(1), None, None, None
-
-
-def dwconv_ttt_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, *, scale: float,
-                     inner_lr: float = 1.0, normalize: bool = True) -> torch.Tensor:
-    """:func:`dwconv_ttt` for the dot-product loss with a hand-written backward (see the module docstring);
-    ``q, k, v [B, C, H, W]``, ``weight [C, 1, k, k]``."""
-    if q.shape != k.shape or q.shape != v.shape or q.ndim != 4:
-        raise ValueError(f'q, k, v must share one [B, C, H, W] shape, got {tuple(q.shape)}, {tuple(k.shape)}, '
-                         f'{tuple(v.shape)}')
-    channels = q.shape[1]
-    if weight.ndim != 4 or weight.shape[:2] != (channels, 1) or weight.shape[2] != weight.shape[3] \
-            or weight.shape[-1] % 2 != 1:
-        raise ValueError(f'weight must be [C, 1, k, k] with C = {channels} and odd k, got {tuple(weight.shape)}')
-    c = -float(scale) / (q.shape[-2] * q.shape[-1])
-    return _DWConvTTT.apply(q, k, v, weight, c, float(inner_lr), bool(normalize))

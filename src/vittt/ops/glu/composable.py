@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .inner_loss import InnerLoss
-from .normalize import inner_step
+from ..loss import InnerLoss
+from ..normalize import inner_step
 
 __all__ = ['swiglu_inner', 'swiglu_inner_grads', 'swiglu_ttt']
 

@@ -1,7 +1,7 @@
 """The fast path of the simplified-SwiGLU inner step (dot-product loss): one autograd function with a hand-written
 backward, on token-major ``[B, N, h, d]`` views, no permute→contiguous copies.
 
-Same maths as :func:`vittt.ops.swiglu.swiglu_ttt` (which stays the readable path and handles any inner loss). With
+Same maths as :func:`vittt.ops.glu.swiglu_ttt` (which stays the readable path and handles any inner loss). With
 ``c = -s/N`` (the dot-product loss's ``E = c V``) and per sample and head::
 
     Z = K [W1|W2],  A = SiLU(Z2),  D = SiLU'(Z2)
@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._capture import capturing_for_export
-from .normalize import inner_step, soft_normalize_backward
+from .._capture import capturing_for_export
+from ..normalize import inner_step, soft_normalize_backward
 
 __all__ = ['swiglu_ttt_fused']
 
