@@ -159,7 +159,7 @@ class DWConvInner(InnerModel):
         prediction = None
         if self.loss.needs_prediction:
             prediction = F.conv2d(k_band, upcast(self.weight), padding=(0, pad), groups=self.channels)
-        e = self.loss.grad(prediction, v, self.scale, num_tokens)
+        e = self.loss.grad(prediction, v, self.scale, num_tokens, dims=(-3, -2, -1))
         grad = dwconv_inner_grad(k_band, e, self.kernel_size, padding=(0, pad))
         return grad if grad_sum is None else grad_sum + grad
 

@@ -10,7 +10,7 @@ their closed-form gradients). ``normalize`` (the soft gradient normalisation) an
 from .gelu_linear import gelu_linear
 from .dwconv import (DWCONV_BACKENDS, dwconv_backend, dwconv_inner_grad, dwconv_per_sample, dwconv_ttt,
                      dwconv_ttt_fused, get_dwconv_backend)
-from .loss import INNER_LOSSES, DotProductLoss, InnerLoss, MSELoss, get_inner_loss
+from .loss import INNER_LOSSES, DotProductLoss, InnerLoss, MAELoss, MSELoss, RMSELoss, SmoothL1Loss, get_inner_loss
 from .normalize import soft_normalize
 from .glu import swiglu_inner, swiglu_inner_grads, swiglu_ttt, swiglu_ttt_fused
 from .scan import (gelu_grad, ln_l2_grad, ln_l2_grad_parts, minibatch_coefficients, ttt_linear_scan, ttt_mlp_scan,

@@ -141,7 +141,7 @@ def dwconv_ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.
     """One full-batch inner step of the depth-wise kernel on ``(k, v)``, applied to ``q``; returns ``[B, C, H, W]``."""
     channels, ks = weight.shape[0], weight.shape[-1]
     prediction = F.conv2d(k, weight, padding=ks // 2, groups=channels) if loss.needs_prediction else None
-    e = loss.grad(prediction, v, scale, k.shape[-2] * k.shape[-1])
+    e = loss.grad(prediction, v, scale, k.shape[-2] * k.shape[-1], dims=(-3, -2, -1))
     grad = dwconv_inner_grad(k, e, ks)
     return dwconv_per_sample(q, stepped_kernel(weight, grad, inner_lr, normalize))
 

@@ -34,7 +34,7 @@ def reference_dwconv_grad(k, v, weight, loss: InnerLoss, scale: float) -> torch.
     with torch.enable_grad():
         wb = per_sample_leaf(weight.reshape(1, c, ks, ks), (b, c, ks, ks))
         prediction = shifted_dwconv(k, wb)
-        total = loss.value(prediction, v, scale, h * w)
+        total = loss.value(prediction, v, scale, h * w, dims=(-3, -2, -1))
         return torch.autograd.grad(total, wb, create_graph=True)[0]
 
 

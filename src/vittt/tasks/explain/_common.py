@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 __all__ = ['as_pair', 'model_patch_size', 'model_stride', 'features_as_map', 'token_grid', 'mass_fraction',
-           'centred_square', 'eval_mode', 'load_model', 'load_images', 'write_json', 'batches', 'NOISE']
+           'centred_square', 'eval_mode', 'check_model_names', 'load_model', 'load_images', 'write_json', 'batches',
+           'NOISE']
 
 NOISE = 'noise'
 
@@ -145,6 +146,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+def check_model_names(names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the first of ``names`` that is no registered timm / vittt model."""
+    import timm
+
+    for name in names:
+        if not timm.is_model(name):
+            close = timm.list_models(f'*{name.split("_")[0]}*')[:8]
+            raise ValueError(f'unknown model {name!r} (not a timm or vittt model name)'
+                             + (f'; similar names: {", ".join(close)}' if close else ''))
+
+
 def load_model(name: str, checkpoint=None, img_size: Optional[int] = None,
                num_classes: int = 1000) -> Tuple[nn.Module, int, int]:
     """``(model in eval mode, in_chans, img_size)`` for a timm / vittt model name, randomly initialised (no download)
@@ -153,10 +165,7 @@ def load_model(name: str, checkpoint=None, img_size: Optional[int] = None,
     checkpoint's training size, else 224. Raises ``ValueError`` for an unknown name."""
     import timm
 
-    if not timm.is_model(name):
-        close = timm.list_models(f'*{name.split("_")[0]}*')[:8]
-        raise ValueError(f'unknown model {name!r} (not a timm or vittt model name)'
-                         + (f'; similar names: {", ".join(close)}' if close else ''))
+    check_model_names([name])
     if checkpoint is not None:
         from ..classification.run import load_for_eval
 

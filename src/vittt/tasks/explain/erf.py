@@ -28,8 +28,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._common import (NOISE, batches, centred_square, eval_mode, features_as_map, load_images, load_model,
-                      mass_fraction, model_patch_size, write_json)
+from ._common import (NOISE, batches, centred_square, check_model_names, eval_mode, features_as_map, load_images,
+                      load_model, mass_fraction, model_patch_size, write_json)
 
 __all__ = ['effective_receptive_field', 'erf_spread', 'log_scaled', 'plot_erf', 'run_erf', 'DEFAULT_SHARES']
 
@@ -175,6 +175,7 @@ def run_erf(models: Sequence[str], output='results/explain/erf', data: str = 'fa
     if unknown:
         raise ValueError(f'--checkpoint given for {", ".join(unknown)}, which is not among --models '
                          f'({", ".join(models)})')
+    check_model_names(models)
     output = Path(output)
     torch.manual_seed(seed)
     loaded = [(name, *load_model(name, checkpoints.get(name), img_size)) for name in models]  # fail early

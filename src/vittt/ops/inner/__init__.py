@@ -1,0 +1,8 @@
+"""The design space's inner models as gradient / step / apply (:mod:`.functions`) and the inner trainings composed
+from them (:mod:`.train`); ``reference`` holds their plain autograd references (tests)."""
+from .functions import (FC, GLU, INNER_FUNCTIONS, MLP, Conv3x3, DWConv, InnerFunction, SiLUFC, SwiGLU,
+                        make_inner_function, silu_grad)
+from .train import check_schedule, inner_fit, inner_stats, inner_step, inner_ttt
+
+__all__ = ['FC', 'GLU', 'INNER_FUNCTIONS', 'MLP', 'Conv3x3', 'DWConv', 'InnerFunction', 'SiLUFC', 'SwiGLU',
+           'make_inner_function', 'silu_grad', 'check_schedule', 'inner_fit', 'inner_stats', 'inner_step', 'inner_ttt']
