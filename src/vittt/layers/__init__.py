@@ -4,7 +4,7 @@ from .block import TTTBlock, cpe_residual
 from .conv import ConvDownsample, ConvNormAct, ConvStem, PatchEmbed
 from .grid import GridSize, map_to_tokens, tokens_to_map
 from .lean import DEFAULT_CHUNK_TOKENS, set_memory_lean
-from .inner import DWConvInner, InnerModel, SwiGLUInner, resolve_scale
+from .inner import DWConvInner, InnerModel, SwiGLUInner, TokenInner, record_inner_stats, resolve_scale
 from .mlp import TokenMlp
 from .rope import RoPE2d, rope_2d_angles
 from .switches import SWITCHES, FastPathSettings, PerModule, fast_path, fast_path_settings, set_fast_path

@@ -4,6 +4,12 @@ Default layout (the released ViT³ / H-ViT³ checkpoints): all ``num_heads`` hea
 model and one *extra* ``head_dim``-wide head uses the 3×3 depth-wise conv inner model, so the QKV projection is
 ``C -> 3C + 3d`` (split per inner model as q, k, v) and the output projection ``C + d -> C``. Optional 2-D RoPE
 is applied to the query/key of every inner model that accepts it (the SwiGLU heads).
+
+The design-space switches (spec A.6) replace the heads' inner model and its training: ``inner_model`` (``'glu'`` is
+ViT³'s; ``'fc'``, ``'silu_fc'``, ``'mlp'``, ``'swiglu'``, ``'conv3x3'``, ``'dwconv3x3'``), ``inner_ratio``,
+``inner_depth``, ``inner_residual``, ``inner_loss``, ``inner_epochs``, ``inner_batches``, ``inner_lr`` (a number or
+``'dynamic'``: the token-wise lr's logits are ``h`` extra output channels of the QKV projection, i.e. ``x W_η``), and
+``conv_head`` (ViT³'s extra depth-wise conv head; it trains with the same loss, lr and epochs, always full-batch).
 """
 from __future__ import annotations
 
@@ -15,19 +21,35 @@ from torch import nn
 
 from ..ops import InnerLoss
 from .grid import GridSize
-from .inner import DWConvInner, InnerModel, Scale, SwiGLUInner
+from .inner import DWConvInner, InnerLr, InnerModel, Scale, SwiGLUInner, TokenInner
 from .lean import bands
 
 __all__ = ['TTTMixer', 'vit3_inner_models']
 
 
-def vit3_inner_models(dim: int, num_heads: int, conv_kernel_size: int = 3, **inner_kwargs) -> List[InnerModel]:
-    """ViT³'s inner models: SwiGLU on all heads plus one extra depth-wise conv head of the same width."""
+def vit3_inner_models(dim: int, num_heads: int, conv_kernel_size: int = 3, *, inner_model: str = 'glu',
+                      conv_head: bool = True, inner_ratio: int = 1, inner_depth: int = 2,
+                      inner_residual: Optional[str] = None, batches: int = 1, **inner_kwargs) -> List[InnerModel]:
+    """The heads' inner models (ViT³: the simplified SwiGLU on all heads) plus, with ``conv_head``, one extra
+    depth-wise conv head of the same width (ViT³'s layout)."""
     if dim % num_heads:
         raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
     head_dim = dim // num_heads
-    return [SwiGLUInner(num_heads, head_dim, **inner_kwargs),
-            DWConvInner(head_dim, kernel_size=conv_kernel_size, **inner_kwargs)]
+    if inner_model == 'glu':
+        if inner_ratio != 1 or inner_depth != 2 or inner_residual is not None:
+            raise ValueError("inner_model='glu' takes no inner_ratio / inner_depth / inner_residual")
+        heads = SwiGLUInner(num_heads, head_dim, batches=batches, **inner_kwargs)
+    else:
+        heads = TokenInner(num_heads, head_dim, inner_model, inner_ratio, inner_depth, inner_residual,
+                           batches=batches, **inner_kwargs)
+    conv = [DWConvInner(head_dim, kernel_size=conv_kernel_size, **dict(inner_kwargs, inner_lr=_const_lr(inner_kwargs)))]
+    return [heads] + (conv if conv_head else [])
+
+
+def _const_lr(kwargs) -> float:
+    """The conv head's lr: the heads' number, or 1.0 where the heads' lr is dynamic (it has no tokens to weigh)."""
+    lr = kwargs.get('inner_lr', 1.0)
+    return 1.0 if isinstance(lr, str) else lr
 
 
 class TTTMixer(nn.Module):
@@ -41,24 +63,33 @@ class TTTMixer(nn.Module):
         inner_models: the inner models; default :func:`vit3_inner_models`.
         inner_loss, scale, inner_lr, grad_norm, conv_kernel_size: settings of the default inner models
             (dot-product loss, scale 1/3 or ``'head_dim'`` for d^-1/2, lr 1.0, soft gradient normalisation on).
+        inner_model, inner_ratio, inner_depth, inner_residual, inner_epochs, inner_batches, conv_head: the design
+            space (module docstring); the defaults are ViT³'s.
     """
 
     def __init__(self, dim: int, num_heads: int = 1, qkv_bias: bool = True, rope: Optional[nn.Module] = None,
                  inner_models: Optional[Sequence[InnerModel]] = None, *, inner_loss: Union[str, InnerLoss] = 'dot',
-                 scale: Scale = 1 / 3, inner_lr: float = 1.0, grad_norm: bool = True, conv_kernel_size: int = 3):
+                 scale: Scale = 1 / 3, inner_lr: InnerLr = 1.0, grad_norm: bool = True, conv_kernel_size: int = 3,
+                 inner_model: str = 'glu', inner_ratio: int = 1, inner_depth: int = 2,
+                 inner_residual: Optional[str] = None, inner_epochs: int = 1, inner_batches: int = 1,
+                 conv_head: bool = True):
         super().__init__()
         if inner_models is None:
-            inner_models = vit3_inner_models(dim, num_heads, conv_kernel_size, loss=inner_loss, scale=scale,
-                                             inner_lr=inner_lr, grad_norm=grad_norm)
+            inner_models = vit3_inner_models(dim, num_heads, conv_kernel_size, inner_model=inner_model,
+                                             conv_head=conv_head, inner_ratio=inner_ratio, inner_depth=inner_depth,
+                                             inner_residual=inner_residual, batches=inner_batches, loss=inner_loss,
+                                             scale=scale, inner_lr=inner_lr, grad_norm=grad_norm,
+                                             epochs=inner_epochs)
         self.dim = dim
         self.inner = nn.ModuleList(inner_models)
         self.rope = rope
-        self._splits = [m.width for m in self.inner for _ in range(3)]
+        self._splits = [w for m in self.inner for w in (m.width, m.width, m.width) + ((m.lr_width,) if m.lr_width
+                                                                                       else ())]
         self.qkv = nn.Linear(dim, sum(self._splits), bias=qkv_bias)
         self.proj = nn.Linear(sum(m.out_width for m in self.inner), dim)
 
     def supports_lean(self) -> bool:
-        return all(hasattr(m, 'lean_accumulate') for m in self.inner)
+        return all(getattr(m, 'supports_lean', False) for m in self.inner)
 
     def forward_lean(self, x: torch.Tensor, grid_size: GridSize, norm: nn.Module, chunk_tokens: int) -> torch.Tensor:
         """``forward(norm(x))`` computed in bands of about ``chunk_tokens`` tokens (inference only): one pass over the
@@ -97,15 +128,16 @@ class TTTMixer(nn.Module):
             q_rows, kv_rows = slice(start, start + m.width), slice(start + m.width, start + 3 * m.width)
             rows.append({'q': (weight[q_rows], None if bias is None else bias[q_rows]),
                          'kv': (weight[kv_rows], None if bias is None else bias[kv_rows])})
-            start += 3 * m.width
+            start += 3 * m.width + m.lr_width
         return rows
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        parts = self.qkv(x).split(self._splits, dim=-1)
+        parts = iter(self.qkv(x).split(self._splits, dim=-1))
         outs = []
-        for i, inner in enumerate(self.inner):
-            q, k, v = parts[3 * i:3 * i + 3]
+        for inner in self.inner:
+            q, k, v = next(parts), next(parts), next(parts)
+            lr_logits = next(parts) if inner.lr_width else None
             if self.rope is not None and inner.accepts_rope:
                 q, k = self.rope(q, grid_size), self.rope(k, grid_size)
-            outs.append(inner(q, k, v, grid_size))
+            outs.append(inner(q, k, v, grid_size, lr_logits) if lr_logits is not None else inner(q, k, v, grid_size))
         return self.proj(torch.cat(outs, dim=-1))

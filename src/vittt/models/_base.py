@@ -120,10 +120,36 @@ def vit3_pretrained_cfg(**kwargs) -> dict:
         'origin_url': 'https://github.com/LeapLabTHU/ViTTT', **kwargs}
 
 
-def create_model(model_cls, variant: str, pretrained: bool, default_out_indices, **kwargs):
-    """``build_model_with_cfg`` with the official-checkpoint filter and ``features_only`` via forward_intermediates."""
+#: the TTT mixer's design-space switches (spec A.6), accepted as model kwargs and passed to every mixer
+DESIGN_SWITCHES = ('inner_model', 'inner_ratio', 'inner_depth', 'inner_residual', 'inner_loss', 'inner_epochs',
+                   'inner_batches', 'inner_lr', 'conv_head')
+
+
+def merge_design_switches(kwargs: dict, defaults: Optional[dict] = None) -> dict:
+    """Move the design switches given as model kwargs (``timm.create_model('vit3_design_small', inner_loss='mse')``)
+    into ``ttt_kwargs``, over the entry point's ``defaults``; a switch given both ways must agree."""
+    ttt = dict(defaults or {})
+    given = dict(kwargs.pop('ttt_kwargs', None) or {})
+    for name in DESIGN_SWITCHES:
+        if name in kwargs:
+            value = kwargs.pop(name)
+            if name in given and given[name] != value:
+                raise ValueError(f'{name} given twice with different values: {value!r} and ttt_kwargs[{name!r}] = '
+                                 f'{given[name]!r}')
+            given[name] = value
+    ttt.update(given)
+    if ttt:
+        kwargs['ttt_kwargs'] = ttt
+    return kwargs
+
+
+def create_model(model_cls, variant: str, pretrained: bool, default_out_indices, ttt_defaults: Optional[dict] = None,
+                 **kwargs):
+    """``build_model_with_cfg`` with the official-checkpoint filter and ``features_only`` via forward_intermediates;
+    the design switches may be given as kwargs (:func:`merge_design_switches`)."""
     from .official import checkpoint_filter_fn
 
+    merge_design_switches(kwargs, ttt_defaults)
     require_weight_source(variant, pretrained, kwargs)
     out_indices = kwargs.pop('out_indices', default_out_indices)
     return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,

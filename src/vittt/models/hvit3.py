@@ -71,7 +71,7 @@ class HViT3(ClassifierMixin, nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
         self.patch_embed = ConvStem(in_chans, dims[0])
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))
         self.layers = nn.ModuleList([
             HViT3Stage(dims[i], dims[i + 1] if i + 1 < len(dims) else None, depths[i], num_heads[i], mlp_ratio,
                        qkv_bias, dpr[i].tolist(), proj_drop_rate, ttt_kwargs)

@@ -74,7 +74,7 @@ class VisionTTT(ClassifierMixin, SingleGridMixin, nn.Module):
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.num_prefix_tokens else None
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()  # (also under torch.device('meta'))
         self.blocks = nn.ModuleList([
             VisionTTTBlock(embed_dim, num_heads, mlp_ratio, norm, dpr[i], proj_drop_rate, self.num_prefix_tokens,
                            mixer_kwargs)

@@ -40,7 +40,7 @@ class ViT3(ClassifierMixin, SingleGridMixin, nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()  # (also under torch.device('meta'))
         self.blocks = nn.ModuleList([
             TTTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps=1e-6, drop_path=dpr[i],
                      proj_drop=proj_drop_rate, ttt_kwargs=ttt_kwargs)
@@ -85,11 +85,16 @@ default_cfgs = generate_default_cfgs({
     'vit3_tiny.in1k': _cfg(),
     'vit3_small.in1k': _cfg(),
     'vit3_base.in1k': _cfg(),
+    'vit3_design_small': _cfg(),
 })
 
 
 def _create_vit3(variant: str, pretrained: bool = False, **kwargs) -> ViT3:
     return create_model(ViT3, variant, pretrained, quarter_depth_indices(kwargs.get('depth', 12)), **kwargs)
+
+
+#: the ablation base's mixer: every head an MLP inner model, no extra conv head (spec A.6, docs/design_space.md)
+DESIGN_BASE = dict(inner_model='mlp', conv_head=False)
 
 
 @register_model
@@ -108,3 +113,14 @@ def vit3_small(pretrained: bool = False, **kwargs) -> ViT3:
 def vit3_base(pretrained: bool = False, **kwargs) -> ViT3:
     """ViT³-B: 768 wide, 12 blocks, 12 heads of 64 (90.06M params, 17.94 GMACs at 224²; recipe drop-path 0.4)."""
     return _create_vit3('vit3_base', pretrained, **dict(dict(embed_dim=768, depth=12, num_heads=12), **kwargs))
+
+
+@register_model
+def vit3_design_small(pretrained: bool = False, **kwargs) -> ViT3:
+    """The base of ViT³'s six-insight ablations (spec A.6): DeiT-S with attention replaced by TTT, 384 wide, 12 blocks,
+    6 heads of 64, patch 16, every head a 2-layer SiLU MLP inner model (ratio 1), dot-product loss, one full-batch
+    epoch, inner lr 1, no extra conv head (22.69M params, 4.57 GMACs at 224²; docs/design_space.md says why).
+    Every switch of the design space is a kwarg: ``inner_model``, ``inner_ratio``, ``inner_depth``,
+    ``inner_residual``, ``inner_loss``, ``inner_epochs``, ``inner_batches``, ``inner_lr``, ``conv_head``."""
+    return _create_vit3('vit3_design_small', pretrained, ttt_defaults=DESIGN_BASE,
+                        **dict(dict(embed_dim=384, depth=12, num_heads=6), **kwargs))
