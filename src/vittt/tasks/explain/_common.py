@@ -157,12 +157,13 @@ def check_model_names(names: Sequence[str]) -> None:
                              + (f'; similar names: {", ".join(close)}' if close else ''))
 
 
-def load_model(name: str, checkpoint=None, img_size: Optional[int] = None,
-               num_classes: int = 1000) -> Tuple[nn.Module, int, int]:
+def load_model(name: str, checkpoint=None, img_size: Optional[int] = None, num_classes: int = 1000,
+               model_kwargs: Optional[dict] = None) -> Tuple[nn.Module, int, int]:
     """``(model in eval mode, in_chans, img_size)`` for a timm / vittt model name, randomly initialised (no download)
     or with ``checkpoint``'s weights (an engine training checkpoint, an official ``.pth`` or a converted
     ``.safetensors``, see :func:`vittt.tasks.classification.run.load_for_eval`). ``img_size`` defaults to the
-    checkpoint's training size, else 224. Raises ``ValueError`` for an unknown name."""
+    checkpoint's training size, else 224; ``model_kwargs`` (e.g. design switches) go to ``timm.create_model`` of a
+    model without checkpoint. Raises ``ValueError`` for an unknown name."""
     import timm
 
     check_model_names([name])
@@ -173,11 +174,12 @@ def load_model(name: str, checkpoint=None, img_size: Optional[int] = None,
         return model.eval(), int(in_chans), int(size)
     size = img_size or 224
     try:  # models with a nominal size (timm ViTs: position embeddings) are built for the size asked for
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=size)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=size,
+                                  **(model_kwargs or {}))
     except TypeError as e:  # convnets take no img_size
         if 'img_size' not in str(e):
             raise
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
     return model.eval(), int(getattr(model, 'in_chans', 3) or 3), size
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ['add_explain_parser', 'add_erf_parser', 'add_tokens_parser', 'cmd_erf', 'cmd_tokens',
+__all__ = ['add_explain_parser', 'add_erf_parser', 'add_tokens_parser', 'add_inner_parser', 'cmd_erf', 'cmd_tokens',
+           'cmd_inner',
            'parse_checkpoints', 'SUBCOMMANDS']
 
 
@@ -85,12 +86,43 @@ def add_tokens_parser(actions) -> argparse.ArgumentParser:
     return p
 
 
-SUBCOMMANDS = (add_erf_parser, add_tokens_parser)
+def _switch(text: str):
+    """``KEY=VALUE`` of a design switch; the value parsed as int, float, None or kept as a string."""
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {text!r}')
+    for parse in (int, float):
+        try:
+            return key, parse(value)
+        except ValueError:
+            pass
+    return key, None if value in ('None', 'none') else value
+
+
+def add_inner_parser(actions) -> argparse.ArgumentParser:
+    """``vittt explain inner``."""
+    p = actions.add_parser('inner', help='inner training per layer and head: loss before / after, gradient norms, '
+                                         'update size',
+                           description='For one image, per TTT layer and head: the inner loss before and after the '
+                                       'step, the inner-gradient norm before and after the soft normalisation, and '
+                                       '||W - W0|| / ||W0||. Writes inner.png and inner.json.')
+    p.add_argument('--models', '--model', nargs=1, required=True, metavar='NAME', help='one vittt model name')
+    p.add_argument('--checkpoint', metavar='PATH', help='its weights (default: random initialisation)')
+    p.add_argument('--image', type=int, default=0, help='which of the drawn images (default 0)')
+    p.add_argument('--set', nargs='+', type=_switch, default=[], metavar='KEY=VALUE',
+                   help='design switches of a model built without checkpoint, e.g. inner_loss=mae inner_depth=3')
+    _common_arguments(p, images=1, output='results/explain/inner')
+    p.set_defaults(func=cmd_inner)
+    return p
+
+
+SUBCOMMANDS = (add_erf_parser, add_tokens_parser, add_inner_parser)
 
 
 def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``explain`` and its subcommands (:data:`SUBCOMMANDS`) to the ``vittt`` subparsers."""
-    p = subparsers.add_parser('explain', help='interpretability: effective receptive fields, token importance')
+    p = subparsers.add_parser('explain', help='interpretability: effective receptive fields, token importance, the '
+                                              'inner training of each TTT layer')
     actions = p.add_subparsers(dest='action', required=True)
     for add in SUBCOMMANDS:
         add(actions)
@@ -135,4 +167,18 @@ def cmd_tokens(args) -> int:
     grid = 'x'.join(str(g) for g in result['grid'])
     print(f'{result["model"]}: {grid} tokens of {result["patch_size"][0]} px at {result["img_size"]} px -> '
           f'{result["png"]}, {result["json"]}')
+    return 0
+
+
+def cmd_inner(args) -> int:
+    from .inner import STATS, run_inner
+
+    result = run_inner(args.models[0], output=args.output, data=args.data, image=args.image, img_size=args.img_size,
+                       checkpoint=args.checkpoint, seed=args.seed, model_kwargs=dict(args.set) or None)
+    print(f'{"layer":<28}{"kind":<18}' + ''.join(f'{k:>22}' for k in STATS))
+    for name, row in result['layers'].items():
+        cells = ''.join(f'{sum(row[k]) / len(row[k]):>22.4g}' for k in STATS)
+        print(f'{name:<28}{row["kind"]:<18}{cells}')
+    print(f'(means over heads) {result["model"]} on {result["data"]} image {result["image"]} at {result["img_size"]}² '
+          f'-> {result["png"]}, {result["json"]}')
     return 0

@@ -130,19 +130,20 @@ def plot_erf(results: Mapping[str, Mapping[str, Any]], path, title: Optional[str
     count = len(results)
     if count == 0:
         raise ValueError('plot_erf needs at least one result')
-    fig, axes = plt.subplots(1, count, figsize=(3.3 * count + 0.9, 3.9), squeeze=False)
+    fig, axes = plt.subplots(1, count, figsize=(3.6 * count + 0.9, 4.2), squeeze=False, layout='constrained')
     image = None
     for ax, (label, result) in zip(axes[0], results.items()):
         image = ax.imshow(_as_numpy(result['erf_log']), cmap='inferno', vmin=0.0, vmax=1.0, interpolation='nearest')
-        spread = ' · '.join(f'{k}: {_percent(result.get(f"area_{k[:-1]}"))}' for k in ('50%', '90%'))
-        sides = '/'.join('-' if result.get(f'square_side_{k}') is None else str(result[f'square_side_{k}'])
-                         for k in ('50', '90'))
+        sides = ' / '.join('-' if result.get(f'square_side_{k}') is None else str(result[f'square_side_{k}'])
+                           for k in ('50', '90'))
         h, w = result['input_size']
-        ax.set_title(f'{label}\narea {spread}\ncentred square {sides} px of {h}×{w}', fontsize=9)
+        ax.set_title(f'{label}\nmass 50 % / 90 % in {_percent(result.get("area_50"))} / '
+                     f'{_percent(result.get("area_90"))} of pixels\ncentred square 50 / 90 %: {sides} px of {h}×{w}',
+                     fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    bar = fig.colorbar(image, ax=list(axes[0]), fraction=0.025, pad=0.02)
-    bar.set_label('|∂ centre feature / ∂ input| (log10, 4 decades below the peak)', fontsize=8)
+    bar = fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02)
+    bar.set_label('|∂ centre feature / ∂ input|, log10 over 4 decades', fontsize=8)
     fig.suptitle(title or 'Effective receptive field', fontsize=10)
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight'))
@@ -195,7 +196,8 @@ def run_erf(models: Sequence[str], output='results/explain/erf', data: str = 'fa
                           **{k: v for k, v in result.items() if k.startswith(('area_', 'square_'))})
         del model
     source = 'Gaussian noise' if data == NOISE else str(data)
-    plot_erf(results, output / 'erf.png',
+    shown = {f'{name}{" (random weights)" if checkpoints.get(name) is None else ""}': r for name, r in results.items()}
+    plot_erf(shown, output / 'erf.png',
              title=f'Effective receptive field: mean over {images} {source} images, central feature of the last map')
     save_safetensors_atomic({name: r['erf'] for name, r in results.items()}, output / 'erf_maps.safetensors')
     payload = dict(data=str(data), images=images, seed=seed, shares=list(DEFAULT_SHARES), relu=relu,

@@ -100,9 +100,11 @@ def _targets(target, count: int) -> Optional[torch.Tensor]:
 
 
 def _display(image: torch.Tensor):
-    """``[C, H, W]`` normalised image -> an ``[H, W]`` (grey) or ``[H, W, 3]`` array in [0, 1] (min-max)."""
+    """``[C, H, W]`` normalised image -> an ``[H, W]`` (grey) or ``[H, W, 3]`` array in [0, 1]. Min-max per channel
+    undoes any per-channel normalisation up to scale, so a grey image repeated to RGB is grey again."""
     image = image.detach().float()
-    image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
+    low = image.amin(dim=(1, 2), keepdim=True)
+    image = (image - low) / (image.amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-12)
     if image.shape[0] == 1 or (image.shape[0] == 3 and torch.allclose(image[0], image[1:], atol=1e-3)):
         return image[0].numpy()
     return image[:3].permute(1, 2, 0).numpy()
@@ -112,9 +114,9 @@ def plot_tokens(result: Dict[str, Any], images: torch.Tensor, path, *, labels: O
                 class_names: Optional[Sequence[str]] = None, title: Optional[str] = None, columns: int = 8,
                 alpha: float = 0.55) -> Path:
     """Each of ``images`` ``[B, C, H, W]`` with its token map of ``result`` (:func:`token_importance`) over it
-    (bilinear upsampling of the token grid, ``alpha`` opacity), titled with the true label (``labels``), the
-    predicted class and, when it differs, the explained target, by name when ``class_names`` are given; a PNG
-    written atomically."""
+    (bilinear upsampling of the token grid, ``alpha`` opacity, scaled to each image's top token), titled with the
+    true label (``labels``), the predicted class, the explained target when it differs (by name when
+    ``class_names`` are given) and the top token's share; a PNG written atomically."""
     import math
 
     import matplotlib
@@ -131,7 +133,7 @@ def plot_tokens(result: Dict[str, Any], images: torch.Tensor, path, *, labels: O
     name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
     cols = min(columns, count)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols + 0.8, 2.45 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols + 0.8, 2.6 * rows + 0.4), squeeze=False)
     overlay = None
     for index, ax in enumerate(axes.flat):
         ax.set_xticks([])
@@ -141,8 +143,9 @@ def plot_tokens(result: Dict[str, Any], images: torch.Tensor, path, *, labels: O
             continue
         shown = _display(images[index])
         ax.imshow(shown, cmap='gray' if shown.ndim == 2 else None, extent=(0, width, height, 0))
-        overlay = ax.imshow(maps[index].numpy(), cmap='jet', alpha=alpha, interpolation='bilinear',
-                            extent=(0, gw * pw, gh * ph, 0), vmin=0.0, vmax=float(maps.max()) or 1.0)
+        top = float(maps[index].max())
+        overlay = ax.imshow((maps[index] / (top or 1.0)).numpy(), cmap='jet', alpha=alpha, interpolation='bilinear',
+                            extent=(0, gw * pw, gh * ph, 0), vmin=0.0, vmax=1.0)
         ax.set_xlim(0, width)
         ax.set_ylim(height, 0)
         predicted, target = int(result['predicted'][index]), int(result['targets'][index])
@@ -150,10 +153,11 @@ def plot_tokens(result: Dict[str, Any], images: torch.Tensor, path, *, labels: O
         lines.append(f'pred: {name(predicted)}')
         if target != predicted:
             lines.append(f'explained: {name(target)}')
+        lines.append(f'top token {100 * top:.1f} %')
         ax.set_title('\n'.join(lines), fontsize=8)
     if overlay is not None:
         bar = fig.colorbar(overlay, ax=list(axes.flat), fraction=0.02, pad=0.02)
-        bar.set_label('share of |gradient × input| per token', fontsize=8)
+        bar.set_label('token share of |gradient × input| / the image\'s top token', fontsize=8)
     fig.suptitle(title or 'Token importance (gradient × input)', fontsize=10)
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight'))
