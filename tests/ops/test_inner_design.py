@@ -5,7 +5,8 @@ import torch
 
 from vittt.ops import INNER_LOSSES, dwconv_ttt, get_inner_loss, swiglu_ttt
 from vittt.ops.inner import inner_fit, inner_stats, inner_step, inner_ttt, make_inner_function
-from vittt.ops.inner.reference import reference_inner_ttt
+from vittt.ops.inner.reference import reference_forward, reference_grads, reference_inner_ttt
+from vittt.ops.scan.reference import reference_ttt_scan
 
 DT = torch.float64
 GRID = (3, 4)
@@ -166,3 +167,22 @@ def test_bad_schedules_are_named():
     mlp = make_inner_function('mlp', 3)
     with pytest.raises(ValueError, match='inner_epochs must be a positive integer'):
         inner_ttt(mlp, q, k, v, _state(mlp, 2), loss=get_inner_loss('dot'), scale=1.0, epochs=0)
+
+
+@pytest.mark.parametrize('name', ['ttt_linear', 'ttt_mlp'])
+def test_vision_ttt_inner_models_gradients_and_minibatch_training(name):
+    fn = make_inner_function(name, 3, 1 if name == 'ttt_linear' else 2)
+    q, k, v = _qkv()
+    state = _state(fn, 2)
+    weights = torch.rand(2, 2, 12, dtype=DT)
+    mse = get_inner_loss('mse')
+    got = fn.grads(k, v, state, mse, 1.0, token_weights=weights)
+    expected = reference_grads(reference_forward(name), k, v, state, mse, 1.0, weights)
+    assert set(got) == set(state) - set(fn.fixed)           # the LayerNorm affine is not stepped
+    for n in got:
+        torch.testing.assert_close(got[n], expected[n])
+    # = Vision-TTT's non-causal mini-batch TTT, token by token (mini-batches of 5: 5, 5, 2 tokens)
+    out = inner_ttt(fn, q, k, v, state, loss=mse, scale=1.0, normalize=False, token_weights=weights,
+                    mini_batch_size=5)
+    per_head = {n: t[0] for n, t in state.items()}
+    torch.testing.assert_close(out, reference_ttt_scan(name[4:], q, k, v, weights, per_head, mini_batch_size=5))

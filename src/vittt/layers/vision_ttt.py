@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.inner import make_inner_function
 from ..ops.scan import ttt_scan, ttt_scan_fused
 from ..ops.precision import in_float32
 from .grid import GridSize, map_to_tokens, tokens_to_map
@@ -31,25 +32,25 @@ MERGE_RULES = ('sum', 'mean', 'concat')
 
 class TTTInnerState(nn.Module):
     """Learnable initial state of one TTT-Linear (``w, b``) or TTT-MLP (``w1, b1, w2, b2``) per head, plus the
-    inner LayerNorm's per-head affine parameters."""
+    inner LayerNorm's per-head affine parameters: the state of :class:`~vittt.ops.inner.TTTLinear` /
+    :class:`~vittt.ops.inner.TTTMLP` (``fn``), one ``[h, rows, cols]`` parameter per state tensor. Weights ~ N(0, 0.02),
+    biases 0, LayerNorm 1 / 0."""
 
     def __init__(self, kind: str, num_heads: int, head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         if kind not in ('linear', 'mlp'):
             raise ValueError(f"inner model must be 'linear' or 'mlp', got {kind!r}")
+        ratio = 1 if kind == 'linear' else int(head_dim * mlp_ratio) // head_dim
+        if kind == 'mlp' and ratio * head_dim != int(head_dim * mlp_ratio):
+            raise ValueError(f'inner_mlp_ratio × head_dim must be a multiple of head_dim, got {mlp_ratio} × {head_dim}')
         self.kind = kind
-        h, d = num_heads, head_dim
-        if kind == 'linear':
-            self.w = nn.Parameter(torch.randn(h, d, d) * 0.02)
-            self.b = nn.Parameter(torch.zeros(h, 1, d))
-        else:
-            m = int(d * mlp_ratio)
-            self.w1 = nn.Parameter(torch.randn(h, d, m) * 0.02)
-            self.b1 = nn.Parameter(torch.zeros(h, 1, m))
-            self.w2 = nn.Parameter(torch.randn(h, m, d) * 0.02)
-            self.b2 = nn.Parameter(torch.zeros(h, 1, d))
-        self.ln_weight = nn.Parameter(torch.ones(h, 1, d))
-        self.ln_bias = nn.Parameter(torch.zeros(h, 1, d))
+        self.fn = make_inner_function(f'ttt_{kind}', head_dim, ratio)
+        for name, (rows, cols) in self.fn.shapes().items():
+            if name.startswith('w'):
+                value = torch.randn(num_heads, rows, cols) * 0.02
+            else:
+                value = (torch.ones if name == 'ln_weight' else torch.zeros)(num_heads, rows, cols)
+            self.register_parameter(name, nn.Parameter(value))
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         return dict(self.named_parameters(recurse=False))

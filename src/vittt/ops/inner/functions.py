@@ -19,7 +19,13 @@ name            F(x)                                           closed-form gradi
 ``conv3x3``     a full 3×3 conv per head = ``fc`` on the 3×3     as ``fc`` (Remark 6: the dataset is the pairs
                 neighbourhoods of each token (``9d → d``)       (K's neighbourhood, V))
 ``dwconv3x3``   a depth-wise 3×3 conv over all heads' channels  :mod:`vittt.ops.dwconv`
+``ttt_linear``  ``x + LN(x W + b)`` (Vision-TTT, Sun et al.)     ``dZ = LN'ᵀ E``, ``G_W = xᵀ dZ``, ``G_b = Σ dZ``
+``ttt_mlp``     ``x + LN(GELU(x W1 + b1) W2 + b2)``, ratio 4     as ``ttt_linear``, then back through the GELU layer
 =============== ============================================== ====================================================
+
+The two TTT models' LayerNorm affine ``ln_weight, ln_bias`` is learned by the outer loop only: it is part of the state
+(:attr:`InnerFunction.fixed`) but never stepped. With the MSE loss of scale 1, token weights ``η_j`` and no gradient
+normalisation, their mini-batch training is Vision-TTT's non-causal mini-batch TTT (:mod:`vittt.ops.scan`).
 
 ``mlp`` takes a residual (Table 6): ``'add'`` (``F(x) + x``), ``'identity_w2'`` (the last weight used as ``W + I``);
 ``'init_identity'`` only changes the initial state (see :func:`init_state`). A widening ``ratio`` r gives the hidden
@@ -30,6 +36,7 @@ matmuls of d × d = 6 d² per token and head).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -39,8 +46,8 @@ from ..dwconv import dwconv_inner_grad, dwconv_per_sample
 from ..glu import swiglu_inner_grads
 from ..loss import InnerLoss
 
-__all__ = ['InnerFunction', 'FC', 'SiLUFC', 'MLP', 'SwiGLU', 'GLU', 'Conv3x3', 'DWConv', 'INNER_FUNCTIONS',
-           'make_inner_function', 'silu_grad']
+__all__ = ['InnerFunction', 'FC', 'SiLUFC', 'MLP', 'SwiGLU', 'GLU', 'Conv3x3', 'DWConv', 'TTTLinear', 'TTTMLP',
+           'INNER_FUNCTIONS', 'make_inner_function', 'silu_grad', 'gelu_grad', 'layer_norm', 'layer_norm_backward']
 
 State = Dict[str, torch.Tensor]
 GridSize = Tuple[int, int]
@@ -70,6 +77,8 @@ class InnerFunction:
 
     name: str = ''
     token_wise: bool = True
+    #: state tensors the inner step leaves alone (learned by the outer loop only)
+    fixed: Tuple[str, ...] = ()
 
     def __init__(self, dim: int, ratio: int = 1):
         self.dim, self.ratio = int(dim), int(ratio)
@@ -359,7 +368,75 @@ class DWConv(InnerFunction):
         return y.reshape(b, heads, c // heads, -1).transpose(-2, -1)
 
 
-INNER_FUNCTIONS = {cls.name: cls for cls in (FC, SiLUFC, MLP, SwiGLU, GLU, Conv3x3, DWConv)}
+def layer_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim with affine ``weight, bias`` (biased variance)."""
+    mu = z.mean(-1, keepdim=True)
+    return (z - mu) * torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + eps) * weight + bias
+
+
+def layer_norm_backward(z: torch.Tensor, upstream: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``dL/dz`` from ``upstream = dL/dLN(z)``: with ``x̂ = (z − μ) · rstd`` and ``ĝ = upstream ⊙ weight``,
+    ``rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))`` row-wise."""
+    mu = z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + eps)
+    x_hat = (z - mu) * rstd
+    g = upstream * weight
+    return rstd * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+
+
+def gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    """Derivative of the exact (erf) GELU."""
+    return 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0)))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+class TTTLinear(InnerFunction):
+    """Vision-TTT's TTT-Linear ``x + LN(x W + b)``; state ``w [d, d]``, ``b [1, d]`` and the fixed ``ln_weight,
+    ln_bias [1, d]``."""
+
+    name = 'ttt_linear'
+    fixed = ('ln_weight', 'ln_bias')
+
+    def __init__(self, dim: int, ratio: int = 1, eps: float = 1e-6):
+        super().__init__(dim, ratio)
+        self.eps = eps
+
+    def shapes(self):
+        d = self.dim
+        return {'w': (d, d), 'b': (1, d), 'ln_weight': (1, d), 'ln_bias': (1, d)}
+
+    def hidden(self, x, state):
+        return {'z': x @ state['w'] + state['b']}
+
+    def output(self, x, cache, state):
+        return x + layer_norm(cache['z'], state['ln_weight'], state['ln_bias'], self.eps)
+
+    def backward(self, x, cache, e, state):
+        dz = layer_norm_backward(cache['z'], e, state['ln_weight'], self.eps)
+        return {'w': x.transpose(-2, -1) @ dz, 'b': dz.sum(-2, keepdim=True)}
+
+
+class TTTMLP(TTTLinear):
+    """Vision-TTT's TTT-MLP ``x + LN(GELU(x W1 + b1) W2 + b2)``, hidden ``ratio · d`` (4 in Sun et al.)."""
+
+    name = 'ttt_mlp'
+
+    def shapes(self):
+        d, m = self.dim, self.dim * self.ratio
+        return {'w1': (d, m), 'b1': (1, m), 'w2': (m, d), 'b2': (1, d), 'ln_weight': (1, d), 'ln_bias': (1, d)}
+
+    def hidden(self, x, state):
+        z1 = x @ state['w1'] + state['b1']
+        a1 = F.gelu(z1)
+        return {'z1': z1, 'a1': a1, 'z': a1 @ state['w2'] + state['b2']}
+
+    def backward(self, x, cache, e, state):
+        dz = layer_norm_backward(cache['z'], e, state['ln_weight'], self.eps)
+        delta = (dz @ state['w2'].transpose(-2, -1)) * gelu_grad(cache['z1'])
+        return {'w1': x.transpose(-2, -1) @ delta, 'b1': delta.sum(-2, keepdim=True),
+                'w2': cache['a1'].transpose(-2, -1) @ dz, 'b2': dz.sum(-2, keepdim=True)}
+
+
+INNER_FUNCTIONS = {cls.name: cls for cls in (FC, SiLUFC, MLP, SwiGLU, GLU, Conv3x3, DWConv, TTTLinear, TTTMLP)}
 
 
 def make_inner_function(name: str, dim: int, ratio: int = 1, depth: int = 2,
@@ -371,7 +448,10 @@ def make_inner_function(name: str, dim: int, ratio: int = 1, depth: int = 2,
         raise ValueError(f'inner_ratio must be a positive integer, got {ratio!r}')
     if name == 'mlp':
         return MLP(dim, ratio, depth, residual)
-    if depth != 2:
+    if name in ('ttt_linear', 'ttt_mlp') and (depth != 2 or residual is not None):
+        raise ValueError(f'{name!r} has its own residual and depth (Vision-TTT); inner_depth / inner_residual do not '
+                         f'apply')
+    if depth != 2 and name not in ('ttt_linear', 'ttt_mlp'):
         raise ValueError(f"inner_depth applies to inner_model='mlp' only (got inner_depth={depth} for {name!r})")
     if residual is not None:
         raise ValueError(f"inner_residual applies to inner_model='mlp' only (got {residual!r} for {name!r})")

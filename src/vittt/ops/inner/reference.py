@@ -50,6 +50,13 @@ def reference_forward(name: str, residual: Optional[str] = None, depth: int = 2)
         return lambda x, s: ((x @ s['w1']) * F.silu(x @ s['w2'])) @ s['w3']
     if name == 'conv3x3':
         return _conv3x3
+    if name in ('ttt_linear', 'ttt_mlp'):
+        def ttt(x, s):
+            z = x @ s['w'] + s['b'] if name == 'ttt_linear' else F.gelu(x @ s['w1'] + s['b1']) @ s['w2'] + s['b2']
+            mu = z.mean(-1, keepdim=True)
+            ln = (z - mu) / ((z - mu).pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+            return x + ln * s['ln_weight'] + s['ln_bias']
+        return ttt
     if name == 'dwconv3x3':
         return lambda x, s: shifted_dwconv(x, s['weight'].expand(x.shape[0], *s['weight'].shape[1:]))
     if name == 'mlp':

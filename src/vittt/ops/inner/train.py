@@ -38,9 +38,11 @@ def check_schedule(fn: InnerFunction, epochs: int, batches: int) -> None:
 
 
 def inner_step(fn: InnerFunction, state: State, grads: State, inner_lr: float, normalize: bool = True) -> State:
-    """The trained state ``W − lr · ĝ`` of every state tensor."""
+    """The trained state ``W − lr · ĝ`` of every state tensor with a gradient (the function's ``fixed`` tensors have
+    none and are passed through)."""
     dims = fn.norm_dims
-    return {name: _tensor_step(w, grads[name], inner_lr, dims[name], normalize) for name, w in state.items()}
+    return {name: _tensor_step(w, grads[name], inner_lr, dims[name], normalize) if name in grads else w
+            for name, w in state.items()}
 
 
 def inner_fit(fn: InnerFunction, k: torch.Tensor, v: torch.Tensor, state: State, *, loss: InnerLoss, scale: float,
@@ -57,22 +59,34 @@ def inner_fit(fn: InnerFunction, k: torch.Tensor, v: torch.Tensor, state: State,
 def inner_ttt(fn: InnerFunction, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State, *,
               loss: InnerLoss, scale: float, inner_lr: float = 1.0, normalize: bool = True, epochs: int = 1,
               batches: int = 1, token_weights: Optional[torch.Tensor] = None,
-              grid_size: Optional[GridSize] = None) -> torch.Tensor:
+              grid_size: Optional[GridSize] = None, mini_batch_size: Optional[int] = None) -> torch.Tensor:
     """The TTT layer's inner learning on one set of heads: train on ``(k, v)``, apply to ``q``.
 
-    ``q, k, v [B, h, N, d]`` on the grid ``grid_size``; ``state`` the initial state (``[1, h, ...]``); returns
-    ``[B, h, N, out_dim]``. Differentiable by autograd in every input (the "gradient of gradient")."""
+    ``q, k, v [B, h, N, d]`` on the grid ``grid_size``; ``state`` the initial state (``[1, h, ...]``, or per sample);
+    returns ``[B, h, N, out_dim]``. The mini-batches are ``batches`` equal slices, or (Vision-TTT) slices of
+    ``mini_batch_size`` tokens, the last one shorter. Differentiable by autograd in every input (the "gradient of
+    gradient")."""
     check_schedule(fn, epochs, batches)
+    if mini_batch_size is not None:
+        if batches != 1:
+            raise ValueError('give inner_batches or mini_batch_size, not both')
+        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+            raise ValueError(f'mini_batch_size must be an integer ≥ 1, got {mini_batch_size!r}')
+        check_schedule(fn, epochs, 2 if mini_batch_size < k.shape[-2] else 1)
     heads = q.shape[1]
     qf, kf, vf = fn.features(q, grid_size), fn.features(k, grid_size), fn.values(v, grid_size)
     kwargs = dict(loss=loss, scale=scale, inner_lr=inner_lr, normalize=normalize, epochs=epochs)
-    if batches == 1:
+    n = kf.shape[-2]
+    if batches == 1 and (mini_batch_size is None or mini_batch_size >= n):
         out = fn.apply(qf, inner_fit(fn, kf, vf, state, token_weights=token_weights, **kwargs))
         return fn.unfeatures(out, heads)
+    if mini_batch_size is None:
+        cut = lambda t, dim: t.tensor_split(batches, dim=dim)            # noqa: E731
+    else:
+        cut = lambda t, dim: t.split(mini_batch_size, dim=dim)           # noqa: E731
     outs = []
-    weights = [None] * batches if token_weights is None else token_weights.tensor_split(batches, dim=-1)
-    for qs, ks, vs, ws in zip(qf.tensor_split(batches, dim=-2), kf.tensor_split(batches, dim=-2),
-                              vf.tensor_split(batches, dim=-2), weights):
+    weights = [None] * n if token_weights is None else cut(token_weights, -1)
+    for qs, ks, vs, ws in zip(cut(qf, -2), cut(kf, -2), cut(vf, -2), weights):
         state = inner_fit(fn, ks, vs, state, token_weights=ws, **kwargs)
         outs.append(fn.apply(qs, state))
     return torch.cat(outs, dim=-2)
@@ -118,8 +132,8 @@ def inner_stats(fn: InnerFunction, k: torch.Tensor, v: torch.Tensor, state: Stat
     trained = inner_fit(fn, kf, vf, state, loss=loss, scale=scale, inner_lr=inner_lr, normalize=normalize,
                         epochs=epochs, token_weights=token_weights)
     batch = k.shape[0]
-    initial = {n: w.expand(batch, *w.shape[1:]) for n, w in state.items()}
-    delta = {n: trained[n] - initial[n] for n in state}
+    initial = {n: state[n].expand(batch, *state[n].shape[1:]) for n in grads}      # the stepped tensors
+    delta = {n: trained[n] - initial[n] for n in grads}
     return dict(loss_before=_per_head_loss(fn, kf, vf, state, loss, scale),
                 loss_after=_per_head_loss(fn, kf, vf, trained, loss, scale),
                 grad_norm=_head_norm(grads, fn, heads), grad_norm_normalized=_head_norm(normalized, fn, heads),

@@ -40,14 +40,12 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
+from ..inner.functions import gelu_grad, layer_norm, make_inner_function
+from ..inner.train import inner_ttt
+from ..loss import MSELoss
+
 __all__ = ['ln_l2_grad', 'ln_l2_grad_parts', 'layer_norm', 'gelu_grad', 'minibatch_coefficients', 'ttt_linear_scan',
-           'ttt_mlp_scan', 'ttt_scan']
-
-
-def layer_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    mu = z.mean(-1, keepdim=True)
-    var = z.var(-1, unbiased=False, keepdim=True)
-    return (z - mu) * torch.rsqrt(var + eps) * weight + bias
+           'ttt_mlp_scan', 'ttt_scan']  # layer_norm, gelu_grad: re-exported from vittt.ops.inner.functions
 
 
 def ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -76,11 +74,6 @@ def ln_l2_grad_parts(z: torch.Tensor, c: torch.Tensor, w_sq: torch.Tensor, eps: 
     g_hat = torch.addcmul(c, w_sq, x_t)
     u = torch.sub(g_hat, g_hat.sum(-1, keepdim=True), alpha=1 / d)
     return torch.addcmul(u, x_t, torch.linalg.vecdot(g_hat, x_t).unsqueeze(-1), value=-1), r
-
-
-def gelu_grad(z: torch.Tensor) -> torch.Tensor:
-    """Derivative of the exact (erf) GELU."""
-    return 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0)))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
 
 
 def minibatch_coefficients(size: int, causal: bool, device=None, dtype=None) -> torch.Tensor:
@@ -150,10 +143,24 @@ def ttt_mlp_scan(q, k, v, lr, state: Dict[str, torch.Tensor], *, mini_batch_size
     return torch.cat(outs, dim=-2)
 
 
-def ttt_scan(kind: str, *args, **kwargs) -> torch.Tensor:
-    """Dispatch on the inner model: ``'linear'`` or ``'mlp'``."""
-    if kind == 'linear':
-        return ttt_linear_scan(*args, **kwargs)
-    if kind == 'mlp':
-        return ttt_mlp_scan(*args, **kwargs)
-    raise ValueError(f"inner model must be 'linear' or 'mlp', got {kind!r}")
+_MSE = MSELoss()
+
+
+def ttt_scan(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mini_batch_size: int, causal: bool = False,
+             eps: float = 1e-6) -> torch.Tensor:
+    """Mini-batch TTT with the ``'linear'`` or ``'mlp'`` inner model. Without the causal rule this is the generic
+    composition :func:`~vittt.ops.inner.inner_ttt` of :class:`~vittt.ops.inner.TTTLinear` / ``TTTMLP`` (the
+    LN-fused L2 loss is the MSE loss of scale 1, ``η_j`` the token weights, no gradient normalisation); the causal
+    rule needs every token's own state, which the dual form above gives without forming them."""
+    if kind not in ('linear', 'mlp'):
+        raise ValueError(f"inner model must be 'linear' or 'mlp', got {kind!r}")
+    if causal:
+        return (ttt_linear_scan if kind == 'linear' else ttt_mlp_scan)(q, k, v, lr, state,
+                                                                       mini_batch_size=mini_batch_size, causal=True,
+                                                                       eps=eps)
+    d = q.shape[-1]
+    fn = make_inner_function(f'ttt_{kind}', d, 1 if kind == 'linear' else state['w1'].shape[-1] // d)
+    fn.eps = eps
+    per_sample = {n: t if t.dim() == 4 else t.unsqueeze(0) for n, t in state.items()}
+    return inner_ttt(fn, q, k, v, per_sample, loss=_MSE, scale=1.0, inner_lr=1.0, normalize=False,
+                     token_weights=lr, mini_batch_size=mini_batch_size)
