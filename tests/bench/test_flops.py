@@ -53,9 +53,8 @@ def test_count_macs_restores_training_mode_and_leaves_no_fake_tensors():
 def test_macs_formula_of_one_vision_ttt_block(mini_batch_size, scans, fused):
     """Per token: 4C² (qk, v, gate, proj) + Ch (lr) + 18C (two 3×3 dw convs) + 3CH (SwiGLU), plus per scan:
 
-    * composable path (``VisionTTTMixer.fused = False``): 3dC (key forward, query forward, state update) + 2bC + C
-      (dual form: Q Kᵀ and (A ⊙ Q Kᵀ) G per token, the broadcast row A G once per mini-batch), when b divides N.
-      This is what the 1280² calibration table in docs/vision_ttt.md scales up;
+    * composable path (``VisionTTTMixer.fused = False``): 3dC (key forward, weight gradient, query forward against
+      the state after its mini-batch: the generic ``inner_ttt`` composition of TTT-Linear; the bias terms are sums);
     * fused path (the default): 3(d + 1)C (key forward, state update and query forward against the stored state,
       each a matmul with the bias as an extra row of the state), whatever b."""
     model = timm.create_model('vision_ttt_tiny', depth=1, num_classes=0,
@@ -63,6 +62,6 @@ def test_macs_formula_of_one_vision_ttt_block(mini_batch_size, scans, fused):
     model.blocks[0].mixer.fused = fused
     c, h, n = 192, 3, 64
     d, hidden = c // h, int(c * 8 / 3)
-    scan = 3 * (d + 1) * c if fused else 3 * d * c + 2 * mini_batch_size * c + c
+    scan = 3 * (d + 1) * c if fused else 3 * d * c
     per_token = 4 * c * c + c * h + 18 * c + 3 * c * hidden + len(scans) * scan
     assert count_macs(model, (3, 128, 128)) == n * per_token + n * 16 * 16 * 3 * c

@@ -114,4 +114,5 @@ def plot_bench(result: Dict[str, Any], path: str) -> None:
     machine, settings = result['machine'], result['settings']
     fig.suptitle(f'vittt bench: {machine["device_name"]}, {settings["threads"]} thread(s), batch '
                  f'{settings["batch_size"]}, torch {machine["torch"]}   (★ interpolated crossover)', fontsize=11)
-    fig.savefig(path, format='png', dpi=110)
+    from ..engine.plots import save_figure
+    save_figure(fig, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-__all__ = ['plot_runs']
+__all__ = ['plot_runs', 'save_figure']
 
 _METRIC_LABELS = {'top1': 'top-1 (%)'}
 
@@ -15,14 +15,27 @@ def _x(history):
     return key, [r[key] for r in history]
 
 
+def save_figure(fig, path, dpi: int = 110, **savefig_kwargs) -> Path:
+    """Write a matplotlib figure as PNG atomically (a temporary file renamed over ``path``: never half-written) and
+    close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write
+
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=dpi, **savefig_kwargs))
+    finally:
+        plt.close(fig)
+    return path
+
+
 def plot_runs(runs: Dict[str, Sequence[Dict]], path, title: Optional[str] = None,
               metric: Optional[str] = 'top1') -> Path:
     """One figure, two panels (loss; ``metric`` and its EMA twin) with a line per run; written atomically as PNG."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-
-    from ..io import atomic_write
 
     from matplotlib.ticker import MaxNLocator
 
@@ -56,7 +69,4 @@ def plot_runs(runs: Dict[str, Sequence[Dict]], path, title: Optional[str] = None
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

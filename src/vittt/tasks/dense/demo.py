@@ -100,6 +100,8 @@ def _draw_detections(path: Path, val_set, models: Dict[str, Any], count: int = 4
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+
+    from ...engine.plots import save_figure
     from matplotlib.patches import Rectangle
 
     names = ['ground truth'] + list(models)
@@ -131,14 +133,15 @@ def _draw_detections(path: Path, val_set, models: Dict[str, Any], count: int = 4
                     ax.set_title(name, fontsize=10)
     fig.suptitle(f'Mask R-CNN on validation canvases (score >= {threshold})')
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _draw_segmentations(path: Path, val_set, models: Dict[str, Any], count: int = 4) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+
+    from ...engine.plots import save_figure
 
     names = ['image', 'ground truth'] + list(models)
     fig, axes = plt.subplots(count, len(names), figsize=(3 * len(names), 3 * count), squeeze=False)
@@ -161,8 +164,7 @@ def _draw_segmentations(path: Path, val_set, models: Dict[str, Any], count: int 
                     ax.set_title(name, fontsize=10)
     fig.suptitle('UPerNet on validation canvases (colour = class, black = background)')
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _train_rate(history: List[Dict[str, Any]]) -> float:

@@ -125,7 +125,7 @@ def plot_erf(results: Mapping[str, Mapping[str, Any]], path, title: Optional[str
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    from ...io import atomic_write
+    from ...engine.plots import save_figure
 
     count = len(results)
     if count == 0:
@@ -145,10 +145,7 @@ def plot_erf(results: Mapping[str, Mapping[str, Any]], path, title: Optional[str
     bar = fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02)
     bar.set_label('|∂ centre feature / ∂ input|, log10 over 4 decades', fontsize=8)
     fig.suptitle(title or 'Effective receptive field', fontsize=10)
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight'))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches='tight')
 
 
 def _as_numpy(t):

@@ -61,7 +61,7 @@ def plot_inner(result: Dict[str, Any], path, title: Optional[str] = None) -> Pat
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    from ...io import atomic_write
+    from ...engine.plots import save_figure
 
     layers = result['layers']
     kinds: Dict[str, List[str]] = {}
@@ -92,10 +92,7 @@ def plot_inner(result: Dict[str, Any], path, title: Optional[str] = None) -> Pat
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title or 'Inner training per layer (lines: mean over heads; dots: heads)', fontsize=10)
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight'))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches='tight')
 
 
 def run_inner(model_name: str, output='results/explain/inner', data: str = 'fashion-mnist', image: int = 0,

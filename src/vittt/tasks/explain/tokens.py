@@ -123,7 +123,7 @@ def plot_tokens(result: Dict[str, Any], images: torch.Tensor, path, *, labels: O
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    from ...io import atomic_write
+    from ...engine.plots import save_figure
 
     maps = result['maps']
     count = maps.shape[0]
@@ -159,10 +159,7 @@ def plot_tokens(result: Dict[str, Any], images: torch.Tensor, path, *, labels: O
         bar = fig.colorbar(overlay, ax=list(axes.flat), fraction=0.02, pad=0.02)
         bar.set_label('token share of |gradient × input| / the image\'s top token', fontsize=8)
     fig.suptitle(title or 'Token importance (gradient × input)', fontsize=10)
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight'))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches='tight')
 
 
 def run_tokens(model_name: str, output='results/explain/tokens', data: str = 'fashion-mnist', images: int = 8,
