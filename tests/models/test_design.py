@@ -86,3 +86,15 @@ def test_memory_lean_mode_equals_the_default_path_for_design_models(switches):
         expected = model(x)
         with vittt.fast_path(model, memory_lean=True, chunk_tokens=5):
             torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('loss,reaches', [('dot', True), ('mse', True), ('mae', False)])
+def test_insight_1_the_value_projection_learns_only_through_the_mixed_derivative(loss, reaches):
+    """W_V reaches the outer loss only through d²L/dV̂dV: -(s/N) I for dot, (s/N) I for MSE, 0 for MAE."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit3_design_small', **SMALL, inner_loss=loss)
+    model(torch.randn(2, 3, 48, 48)).square().mean().backward()
+    c = SMALL['embed_dim']
+    grad = model.blocks[0].attn.qkv.weight.grad
+    assert grad[:2 * c].abs().max() > 0                       # queries and keys always learn
+    assert (grad[2 * c:].abs().max() > 0) == reaches
