@@ -500,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tasks.explain.cli import add_explain_parser
     add_explain_parser(sub)  # vittt explain erf / tokens (their cmd_* functions are set on the subparsers)
 
+    from .tasks.ablate.cli import add_ablate_parser
+    add_ablate_parser(sub)  # vittt ablate --table N (cmd_ablate is set on the subparser)
+
     p = sub.add_parser('demo', help='Fashion-MNIST: ViT³ vs DeiT at equal recipe and budget, with a report')
     p.add_argument('--output', default='results/demo')
     p.add_argument('--epochs', type=int, default=None)

@@ -2,12 +2,14 @@
 from .flops import count_macs, count_params
 from .report import (Crossover, compute_crossovers, compute_ratios, find_crossover, memory_ratio, render_markdown,
                      speedup, write_outputs)
-from .runner import BenchSettings, build_variants, machine_info, matmul_throughput, resolve_baseline, run_bench
+from .runner import (BenchSettings, build_variants, load_average, machine_info, matmul_throughput, resolve_baseline,
+                     run_bench, time_variants, timing_entry)
 from .spec import ModelSpec, Variant, check_model_name, expand_variants, parse_model_spec, probe_model
 
 __all__ = ['count_macs', 'count_params', 'Crossover', 'compute_crossovers', 'compute_ratios', 'find_crossover',
            'memory_ratio', 'render_markdown', 'speedup', 'write_outputs', 'BenchSettings', 'build_variants',
-           'machine_info', 'matmul_throughput', 'resolve_baseline', 'run_bench', 'ModelSpec', 'Variant',
+           'machine_info', 'matmul_throughput', 'resolve_baseline', 'run_bench', 'load_average', 'time_variants',
+           'timing_entry', 'ModelSpec', 'Variant',
            'check_model_name', 'expand_variants', 'parse_model_spec', 'probe_model', 'measure_memory']
 
 

@@ -21,7 +21,7 @@ from .spec import ATTN_MODES, Variant, check_model_name, expand_variants, parse_
 from .workload import DTYPES, MODES, Workload, build_model, create_model, make_step, model_input, synchronize
 
 __all__ = ['BenchSettings', 'run_bench', 'build_variants', 'resolve_baseline', 'matmul_throughput',
-           'machine_info', 'SCHEMA']
+           'machine_info', 'load_average', 'time_variants', 'timing_entry', 'SCHEMA']
 
 SCHEMA = 'vittt-bench/1'
 MEMORY_WORKER_TIMEOUT_S = 3600
@@ -179,8 +179,8 @@ def machine_info(device: str) -> Dict[str, Any]:
                 device_name=torch.cuda.get_device_name(device) if cuda else _cpu_model())
 
 
-def _time_variants(steps: Dict[str, Callable[[], None]], settings: BenchSettings, tag: str,
-                   errors: Dict[str, str], log: Log, compiled: Sequence[str] = ()) -> Dict[str, List[float]]:
+def time_variants(steps: Dict[str, Callable[[], None]], settings: BenchSettings, tag: str,
+                  errors: Dict[str, str], log: Log, compiled: Sequence[str] = ()) -> Dict[str, List[float]]:
     """Warm-up (at least one call for the ``compiled`` labels: it compiles), then ``repeats`` rounds in which every
     variant runs once (interleaved, so machine noise hits all alike). Returns seconds per call for each variant; a
     variant that raises is dropped and its error recorded."""
@@ -215,7 +215,7 @@ def _time_variants(steps: Dict[str, Callable[[], None]], settings: BenchSettings
     return times
 
 
-def _timing_entry(seconds: List[float], batch_size: int) -> Dict[str, Any]:
+def timing_entry(seconds: List[float], batch_size: int) -> Dict[str, Any]:
     median = statistics.median(seconds)
     return dict(times_ms=[s * 1e3 for s in seconds], median_ms=median * 1e3, min_ms=min(seconds) * 1e3,
                 max_ms=max(seconds) * 1e3, images_per_s=batch_size / median)
@@ -272,8 +272,8 @@ def _measure_point(workloads: Sequence[Workload], settings: BenchSettings, threa
                 errors[label] = f'{type(e).__name__}: {e}'
                 log(f'[bench] {tag}: building {label} failed: {errors[label]}')
         log(f'[bench] {tag}: timing {len(steps)} variant(s), {settings.repeats} round(s)')
-        timings = _time_variants(steps, settings, tag, errors, log,
-                                 compiled=[w.variant.label for w in workloads if w.variant.compiled])
+        timings = time_variants(steps, settings, tag, errors, log,
+                                compiled=[w.variant.label for w in workloads if w.variant.compiled])
         del steps
         gc.collect()
         if torch.device(settings.device).type == 'cuda':
@@ -291,7 +291,7 @@ def _measure_point(workloads: Sequence[Workload], settings: BenchSettings, threa
             entries.append(entry)
             continue
         if timings.get(label):
-            entry['time'] = _timing_entry(timings[label], workload.batch_size)
+            entry['time'] = timing_entry(timings[label], workload.batch_size)
             if workload.mode == 'infer' and entry['macs'] and matmul:
                 rate = entry['macs'] / (entry['time']['median_ms'] / 1e3) / 1e9
                 entry['time'].update(gmacs_per_s=rate, fraction_of_matmul=rate / matmul['gmacs_per_s'])
