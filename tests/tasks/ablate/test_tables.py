@@ -1,4 +1,5 @@
-"""The ablation rows of ViT³'s tables built from switches: params and MACs at 224² against exact counts and the paper."""
+"""The ablation rows of ViT³'s tables built from switches: params and MACs at 224² against exact counts and the
+paper."""
 import pytest
 import timm
 import torch
@@ -39,7 +40,8 @@ def counts():
 
 def test_one_block_counts_scale_to_the_full_model(counts):
     _, full, _ = counts
-    for label, switches in (('MLP r1', {}), ('FC(x)', {'inner_model': 'fc'}), ('2 epochs, batch N', {'inner_epochs': 2})):
+    for label, switches in (('MLP r1', {}), ('FC(x)', {'inner_model': 'fc'}),
+                            ('2 epochs, batch N', {'inner_epochs': 2})):
         assert _build(switches) == full[label], label
 
 

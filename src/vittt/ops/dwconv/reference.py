@@ -1,9 +1,8 @@
-"""Plain autograd reference of the depth-wise conv inner step, written straight from the spec's equations (tests only): the inner loss is
-built explicitly and differentiated with ``torch.autograd.grad(create_graph=True)``; nothing is shared with the
-closed-form paths except the loss definitions' ``value``."""
+"""Plain autograd reference of the depth-wise conv inner step, written straight from the spec's equations (tests
+only): the inner loss is built explicitly and differentiated with ``torch.autograd.grad(create_graph=True)``;
+nothing is shared with the closed-form paths except the loss definitions' ``value``."""
 from __future__ import annotations
 
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,8 @@ name            F(x)                                           closed-form gradi
 ``mlp``         ``SiLU(x W1) W2`` (depth 2) or                 back-propagation layer by layer:
                 ``SiLU(SiLU(x W1) W2) W3`` (depth 3)            ``G_L = a_(L-1)ᵀ E``, ``δ = (E W_Lᵀ) ⊙ SiLU'(Z)``, ...
 ``swiglu``      ``((x W1) ⊙ SiLU(x W2)) W3``                   ``G3 = Hᵀ E``, ``δ = E W3ᵀ``,
-                                                               ``G1 = xᵀ (δ ⊙ SiLU(Z2))``, ``G2 = xᵀ (δ ⊙ Z1 ⊙ SiLU'(Z2))``
+                                                               ``G1 = xᵀ (δ ⊙ SiLU(Z2))``,
+                                                               ``G2 = xᵀ (δ ⊙ Z1 ⊙ SiLU'(Z2))``
 ``glu``         ``(x W1) ⊙ SiLU(x W2)`` (ViT³'s choice)         :mod:`vittt.ops.glu` (``[W1 | W2]`` as one matrix)
 ``conv3x3``     a full 3×3 conv per head = ``fc`` on the 3×3     as ``fc`` (Remark 6: the dataset is the pairs
                 neighbourhoods of each token (``9d → d``)       (K's neighbourhood, V))
@@ -196,7 +197,8 @@ class MLP(InnerFunction):
         if residual not in self.RESIDUALS:
             raise ValueError(f'inner_residual must be one of {self.RESIDUALS}, got {residual!r}')
         if residual in ('identity_w2', 'init_identity') and ratio != 1:
-            raise ValueError(f"inner_residual={residual!r} needs a square last layer (inner_ratio=1), got ratio {ratio}")
+            raise ValueError(f'inner_residual={residual!r} needs a square last layer (inner_ratio=1), '
+                             f'got ratio {ratio}')
         self.depth, self.residual = depth, residual
 
     def shapes(self):

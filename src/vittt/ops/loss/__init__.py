@@ -119,7 +119,8 @@ class MAELoss(InnerLoss):
 
 
 class SmoothL1Loss(InnerLoss):
-    """``L = (s/N) Σ_ij ℓ(V_hat_ij - V_ij)`` with the Huber ℓ of β = 1; ``dL/dV_hat = (s/N) clamp(V_hat - V, -1, 1)``."""
+    """``L = (s/N) Σ_ij ℓ(V_hat_ij - V_ij)`` with the Huber ℓ of β = 1;
+    ``dL/dV_hat = (s/N) clamp(V_hat - V, -1, 1)``."""
 
     name = 'smooth_l1'
 

@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from .composable import gelu_grad, ln_l2_grad_parts, minibatch_coefficients
+from .composable import ln_l2_grad_parts, minibatch_coefficients
 
 __all__ = ['ttt_scan_fused']
 
