@@ -22,11 +22,12 @@ Outputs: ``results.json``, ``report.md`` (the table in the paper's layout with o
 on whether the paper's ordering against the base reproduces, computed from the numbers), ``ablation.png`` (Δtop-1
 and throughput ratio, ours vs the paper's, and our top-1 curves) and ``curves.png`` (loss / top-1 of every row).
 
-**Budget** (measured on the 2-core CPU this was written on, 1 torch thread, another process busy on the other
-core): a 224² forward of the 22.6M-parameter base at batch 8 takes ~2 s (~4 images/s; the widest rows up to ~3 s), so
-the bench runs batch 8, 1 warm-up call and 5 timed rounds per row: ~1 minute for Table 1's 5 rows, ~3 for Table 4's
-11. Training: the recipe's 3 epochs over the first 8,000 training images (186 updates of batch 128; ~250 images/s),
-each epoch tested on all 10,000 test images (~13 s): ~2.3 minutes per row, so Table 1 takes ~13 minutes, Table 4 ~30.
+**Budget** (measured on the 2-core CPU this was written on, 1 torch thread, often another process busy on the other
+core): a 224² forward of the 22.6M-parameter base at batch 8 takes ~2 s (~4 images/s; the widest rows ~3 s), so the
+bench runs batch 8, 1 warm-up call and 5 timed rounds per row: ~1 minute for Table 1's 5 rows, ~2.5 for Table 4's
+11. Training: the recipe's 3 epochs over the first 8,000 training images (186 updates of batch 128; ~250 images/s for
+the base), each epoch tested on all 10,000 test images (~13 s): 2-2.5 minutes for a row of the base's cost, up to
+~5 for the widest (MLP r4, Conv3×3). Measured: Table 1 in 14 minutes, Table 4 in 39 (the longest table).
 On a shared machine pass ``threads=1`` (``--threads 1``): two torch threads competing with another process for two
 cores ran the same training ten times slower. ``quick=True`` (CI): 1 epoch over 32 images (batch 32), 32 test
 images, the bench on the small shape at 28² (batch 2, 1 warm-up call, 1 round) and the counts from a 1-block build
@@ -650,7 +651,7 @@ def plot_ablation(result: Dict[str, Any], path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from ...io import atomic_write
+    from ...engine.plots import save_figure
 
     rows = result['rows']
     others = [r for r in rows if r['label'] != result['base']]
@@ -693,7 +694,4 @@ def plot_ablation(result: Dict[str, Any], path) -> Path:
     ax.legend(fontsize=7, loc='lower right')
     fig.suptitle(result['title'] + (' (quick smoke run)' if result.get('quick') else ''))
     fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
