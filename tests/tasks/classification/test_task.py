@@ -102,6 +102,18 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert target.read_text() == 'new' and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pth']
 
 
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    import os
+    previous = os.umask(0o022)
+    try:
+        plain = tmp_path / 'plain.txt'
+        plain.write_text('x')
+        atomic_write(tmp_path / 'atomic.txt', lambda tmp: Path(tmp).write_text('x'))
+        assert (tmp_path / 'atomic.txt').stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)
+
+
 @pytest.mark.parametrize('amp', ['bf16', 'fp16'])
 def test_mixed_precision_training_is_finite(tmp_path, amp):
     data = _data(32)
