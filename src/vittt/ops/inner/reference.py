@@ -18,12 +18,12 @@ from ..reference_utils import explicit_soft_norm
 __all__ = ['reference_forward', 'reference_grads', 'reference_inner_ttt']
 
 
-def _conv3x3(x, state):
+def _conv3x3(x, state, grid_size):
     """Per sample and head, a full 3×3 conv ``d -> d`` written with ``F.conv2d``; ``x [B, h, N, d]`` on the grid,
     ``w [S, h, 9d, d]`` (rows ``c · 9 + tap``)."""
     w = state['w1']
     b, h, n, d = x.shape
-    gh, gw = _GRID['size']
+    gh, gw = grid_size
     out = []
     for bi in range(b):
         rows = []
@@ -35,10 +35,8 @@ def _conv3x3(x, state):
     return torch.stack(out)
 
 
-_GRID = {'size': None}
 
-
-def reference_forward(name: str, residual: Optional[str] = None, depth: int = 2) -> Callable:
+def reference_forward(name: str, residual: Optional[str] = None, depth: int = 2, grid_size=None) -> Callable:
     """``F(x, state)`` of inner model ``name`` on tokens ``[B, h, N, d]`` (``dwconv3x3``: maps ``[B, C, H, W]``)."""
     if name == 'fc':
         return lambda x, s: x @ s['w1']
@@ -49,7 +47,7 @@ def reference_forward(name: str, residual: Optional[str] = None, depth: int = 2)
     if name == 'swiglu':
         return lambda x, s: ((x @ s['w1']) * F.silu(x @ s['w2'])) @ s['w3']
     if name == 'conv3x3':
-        return _conv3x3
+        return lambda x, s: _conv3x3(x, s, grid_size)
     if name in ('ttt_linear', 'ttt_mlp'):
         def ttt(x, s):
             z = x @ s['w'] + s['b'] if name == 'ttt_linear' else F.gelu(x @ s['w1'] + s['b1']) @ s['w2'] + s['b2']
@@ -99,8 +97,7 @@ def reference_inner_ttt(name: str, q, k, v, state, *, loss: InnerLoss, scale: fl
                         grid_size=None, residual=None, depth: int = 2) -> torch.Tensor:
     """Explicit loops: per mini-batch slice, ``epochs`` autograd steps, then the slice's queries. ``q, k, v [B, h, N,
     d]``; returns ``[B, h, N, d_out]``."""
-    forward = reference_forward(name, residual, depth)
-    _GRID['size'] = grid_size
+    forward = reference_forward(name, residual, depth, grid_size)
     map_dims = name == 'dwconv3x3'
     heads = q.shape[1]
     if map_dims:   # tokens -> one [B, h·d, H, W] map
