@@ -21,4 +21,6 @@ def test_fused_equals_composable(config, size, dtype, images):
     x = images(2, *size).to(dtype)
     target = torch.randn(2, 7, dtype=dtype)
     assert set_fused(model, True) == 2
-    assert_fused_equals_composable(model, x, target)
+    # float32: the class token's gradient (|g| ≈ 21, summed over two scans of every block) carries ~1.4e-4 relative
+    # rounding on *each* path (both measured against the float64 run), so the two may differ by up to ~3e-4
+    assert_fused_equals_composable(model, x, target, rtol32=3e-4)
