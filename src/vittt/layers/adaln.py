@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from timm.layers import Attention
 
+from ..ops._capture import symbolic_shapes
 from .block import cpe_residual
 from .grid import GridSize
 from .mlp import TokenMlp
@@ -114,6 +115,8 @@ def sincos_2d(grid_size: GridSize, dim: int, base_grid: Optional[GridSize] = Non
         raise ValueError(f'the sin-cos position table needs a width divisible by 4, got {dim}')
     h, w = grid_size
     base_h, base_w = base_grid if base_grid is not None else (None, None)
+    if symbolic_shapes():  # computed in the graph: a cache key would specialise the sizes
+        return _sincos_table(h, w, int(dim), base_h, base_w)
     return _sincos_2d(int(h), int(w), int(dim), base_h, base_w)
 
 

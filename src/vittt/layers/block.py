@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from timm.layers import DropPath
 
+from ..ops._capture import symbolic_shapes
 from .grid import GridSize, map_to_tokens, tokens_to_map
 from .lean import DEFAULT_CHUNK_TOKENS, bands
 from .mlp import TokenMlp
@@ -56,7 +57,7 @@ class TTTBlock(nn.Module):
         # caller may keep): one large allocation less per branch. The producers (convolution, Linear, DropPath)
         # do not keep their outputs for backward, so this is autograd-safe.
         x = cpe_residual(self.cpe, x, grid_size)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not symbolic_shapes():  # (bands: Python loops over the grid's rows)
             if self.memory_lean and self.attn.supports_lean():
                 x += self.attn.forward_lean(x, grid_size, self.norm1, self.chunk_tokens)
             else:

@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .grid import GridSize, map_to_tokens, tokens_to_map
+from .grid import GridSize, map_to_tokens, pad_to_multiple, tokens_to_map
 
 __all__ = ['ConvNormAct', 'ConvStem', 'ConvDownsample', 'PatchEmbed']
 
@@ -52,11 +51,7 @@ class ConvStem(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, GridSize]:
-        h, w = x.shape[-2:]
-        pad_h, pad_w = -h % self.stride, -w % self.stride
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        x = self.conv(x)
+        x = self.conv(pad_to_multiple(x, self.stride))
         return map_to_tokens(x), (x.shape[-2], x.shape[-1])
 
 
@@ -77,11 +72,7 @@ class ConvDownsample(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> Tuple[torch.Tensor, GridSize]:
-        x = tokens_to_map(x, grid_size)
-        h, w = grid_size
-        if h % 2 or w % 2:
-            x = F.pad(x, (0, w % 2, 0, h % 2))
-        x = self.conv(x)
+        x = self.conv(pad_to_multiple(tokens_to_map(x, grid_size), 2))
         return map_to_tokens(x), (x.shape[-2], x.shape[-1])
 
 
@@ -95,9 +86,5 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, GridSize]:
-        p = self.patch_size
-        h, w = x.shape[-2:]
-        if h % p or w % p:
-            x = F.pad(x, (0, -w % p, 0, -h % p))
-        x = self.proj(x)
+        x = self.proj(pad_to_multiple(x, self.patch_size))
         return map_to_tokens(x), (x.shape[-2], x.shape[-1])

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ..ops._capture import symbolic_shapes
 from .grid import GridSize
 
 __all__ = ['RoPE2d', 'rope_2d_angles']
@@ -43,13 +44,14 @@ class RoPE2d(nn.Module):
 
     def tables(self, grid_size: GridSize, device) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)``, each ``[H*W, dim // 2]`` float32."""
-        key = (int(grid_size[0]), int(grid_size[1]), str(device))
-        if not torch.compiler.is_compiling() and key in self._cache:
+        cached = not symbolic_shapes()      # (a key would specialise symbolic sizes to the traced ones)
+        key = (int(grid_size[0]), int(grid_size[1]), str(device)) if cached else None
+        if cached and key in self._cache:
             return self._cache[key]
         with torch.inference_mode(False):  # a table made under inference_mode could not serve a later training step
             angles = rope_2d_angles(grid_size, self.dim, self.base, device).reshape(-1, self.dim // 2)
             out = (torch.cos(angles), torch.sin(angles))
-        if not torch.compiler.is_compiling() and not isinstance(angles, FakeTensor):  # never keep shape-only tensors
+        if cached and not isinstance(angles, FakeTensor):  # never keep shape-only tensors
             if len(self._cache) >= 16:  # many distinct resolutions: keep memory bounded
                 self._cache.clear()
             self._cache[key] = out
