@@ -36,7 +36,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     ``torch.fx``) the pad is always applied, with symbolic widths (0 where the side fits), so no branch on the sides'
     divisibility is baked into the graph."""
     h, w = x.shape[-2:]
-    pad_h, pad_w = -h % multiple, -w % multiple
+    pad_h, pad_w = (h + multiple - 1) // multiple * multiple - h, (w + multiple - 1) // multiple * multiple - w
     if symbolic_shapes() or pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
     return x

@@ -23,6 +23,7 @@ from timm.layers import trunc_normal_
 from ..ops import DotProductLoss, InnerLoss, dwconv_inner_grad, dwconv_per_sample, get_inner_loss, swiglu_ttt_fused
 from ..ops.dwconv import dwconv_ttt_fused
 from ..ops.inner import InnerFunction, check_schedule, inner_stats, inner_step, inner_ttt, make_inner_function
+from ..ops._capture import capturing_for_export
 from ..ops.precision import in_float32, upcast
 from .grid import GridSize, map_to_tokens, tokens_to_map
 from .lean import Band
@@ -145,10 +146,13 @@ class TokenInner(InnerModel):
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, N, h·a]`` -> ``[B, h, N, a]``."""
-        return t.reshape(t.shape[0], t.shape[1], self.num_heads, -1).transpose(1, 2)
+        # sizes spelled out (no -1), and contiguous while a graph is captured: an inferred size or the layout of a
+        # strided view is decided from the sizes, a guard on them that a dynamic-shape export may not bake in
+        t = t.reshape(t.shape[0], t.shape[1], self.num_heads, t.shape[2] // self.num_heads).transpose(1, 2)
+        return t.contiguous() if capturing_for_export() else t
 
     def _merge(self, t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], t.shape[1] * t.shape[3])
 
     def _settings(self, lr_logits):
         weights = None if lr_logits is None else torch.sigmoid(lr_logits).transpose(1, 2)
@@ -198,7 +202,8 @@ class TokenInner(InnerModel):
 
 class SwiGLUInner(TokenInner):
     """ViT³'s ``num_heads`` simplified-SwiGLU inner models (``inner_model='glu'``) of width ``head_dim``; W0 = ``w1,
-    w2`` ``[1, h, d, d]``; with the dot-product loss, one epoch, one batch and a constant lr, the fused function."""
+    w2`` ``[1, h, d, d]``; with the dot-product loss, one epoch, one batch and a constant lr, the fused function
+    (except while a graph is captured for export: the composable path is a few batched matmuls over all heads)."""
 
     def __init__(self, num_heads: int, head_dim: int, **kwargs):
         kwargs.pop('inner_model', None)
@@ -209,7 +214,7 @@ class SwiGLUInner(TokenInner):
 
     def _fusable(self, lr_logits) -> bool:
         return (self.fused and isinstance(self.loss, DotProductLoss) and self.epochs == 1 and self.batches == 1
-                and lr_logits is None and self.stats is None)
+                and lr_logits is None and self.stats is None and not capturing_for_export())
 
     def forward(self, q, k, v, grid_size, lr_logits=None):
         if not self._fusable(lr_logits):
@@ -251,7 +256,8 @@ class DWConvInner(TokenInner):
     fused: bool = True
 
     def forward(self, q, k, v, grid_size, lr_logits=None):
-        if not (self.fused and isinstance(self.loss, DotProductLoss) and self.epochs == 1 and self.stats is None):
+        if not (self.fused and isinstance(self.loss, DotProductLoss) and self.epochs == 1 and self.stats is None
+                and not capturing_for_export()):
             return self.composed(q, k, v, grid_size, lr_logits)
         q, k, v = (tokens_to_map(t, grid_size) for t in (q, k, v))
         out = in_float32(dwconv_ttt_fused, q, k, v, self.weight, scale=self.scale, inner_lr=self.inner_lr,

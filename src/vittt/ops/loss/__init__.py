@@ -39,6 +39,12 @@ Dims = Sequence[int]
 _TOKENS = (-2, -1)
 
 
+def _per_token(scale: float, num_tokens) -> float:
+    """``scale / N``; ``N`` as a float first (the same value in eager mode; a symbolic N at export stays a float
+    expression, without the integrality guards a true division of integers adds)."""
+    return scale / torch.sym_float(num_tokens)
+
+
 class InnerLoss:
     """Interface of an inner loss: see the module docstring."""
 
@@ -68,10 +74,10 @@ class DotProductLoss(InnerLoss):
     needs_prediction = False
 
     def grad(self, prediction, target, scale, num_tokens, dims=_TOKENS):
-        return target * (-scale / num_tokens)
+        return target * -_per_token(scale, num_tokens)
 
     def value(self, prediction, target, scale, num_tokens, dims=_TOKENS):
-        return -(scale / num_tokens) * (prediction * target).sum()
+        return -_per_token(scale, num_tokens) * (prediction * target).sum()
 
 
 class MSELoss(InnerLoss):
@@ -80,7 +86,7 @@ class MSELoss(InnerLoss):
     name = 'mse'
 
     def grad(self, prediction, target, scale, num_tokens, dims=_TOKENS):
-        return (prediction - target) * (scale / num_tokens)
+        return (prediction - target) * _per_token(scale, num_tokens)
 
     def value(self, prediction, target, scale, num_tokens, dims=_TOKENS):
         return (scale / (2 * num_tokens)) * (prediction - target).pow(2).sum()
@@ -95,11 +101,12 @@ class RMSELoss(InnerLoss):
     additive = False
 
     def _root(self, residual, scale, num_tokens, dims):
-        return ((scale / num_tokens) * residual.pow(2).sum(dim=tuple(dims), keepdim=True)).clamp_min(1e-30).sqrt()
+        squares = residual.pow(2).sum(dim=tuple(dims), keepdim=True)
+        return (_per_token(scale, num_tokens) * squares).clamp_min(1e-30).sqrt()
 
     def grad(self, prediction, target, scale, num_tokens, dims=_TOKENS):
         residual = prediction - target
-        return residual * (scale / num_tokens) / self._root(residual, scale, num_tokens, dims)
+        return residual * _per_token(scale, num_tokens) / self._root(residual, scale, num_tokens, dims)
 
     def value(self, prediction, target, scale, num_tokens, dims=_TOKENS):
         return self._root(prediction - target, scale, num_tokens, dims).sum()
@@ -112,10 +119,10 @@ class MAELoss(InnerLoss):
     name = 'mae'
 
     def grad(self, prediction, target, scale, num_tokens, dims=_TOKENS):
-        return torch.sign(prediction - target) * (scale / num_tokens)
+        return torch.sign(prediction - target) * _per_token(scale, num_tokens)
 
     def value(self, prediction, target, scale, num_tokens, dims=_TOKENS):
-        return (scale / num_tokens) * (prediction - target).abs().sum()
+        return _per_token(scale, num_tokens) * (prediction - target).abs().sum()
 
 
 class SmoothL1Loss(InnerLoss):
@@ -125,11 +132,11 @@ class SmoothL1Loss(InnerLoss):
     name = 'smooth_l1'
 
     def grad(self, prediction, target, scale, num_tokens, dims=_TOKENS):
-        return (prediction - target).clamp(-1.0, 1.0) * (scale / num_tokens)
+        return (prediction - target).clamp(-1.0, 1.0) * _per_token(scale, num_tokens)
 
     def value(self, prediction, target, scale, num_tokens, dims=_TOKENS):
         r = (prediction - target).abs()
-        return (scale / num_tokens) * torch.where(r < 1.0, 0.5 * r * r, r - 0.5).sum()
+        return _per_token(scale, num_tokens) * torch.where(r < 1.0, 0.5 * r * r, r - 0.5).sum()
 
 
 INNER_LOSSES: Dict[str, InnerLoss] = {loss.name: loss for loss in

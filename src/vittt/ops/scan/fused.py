@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +74,12 @@ def _grouped(history: list, full: int) -> list:
     return [torch.stack(history[:full])] + history[full:]
 
 
-def _causal_dual(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, size: int, plus_one: bool = False) -> torch.Tensor:
+def _causal_dual(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, size: int, plus_one: bool = False,
+                 counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal dual-form correction ``(A' ⊙ X Yᵀ) G`` within each mini-batch, ``A'_ij = b · [j ≤ i] / (i + 1)`` (``G``
-    already carries ``η_j / b``); ``plus_one`` adds the bias term ``A' G`` (``X Yᵀ + 1``)."""
-    coef = minibatch_coefficients(size, True, x.device, x.dtype) * size
+    already carries ``η_j / b``); ``plus_one`` adds the bias term ``A' G`` (``X Yᵀ + 1``). ``counts``: each
+    mini-batch's own ``b`` (``[K, 1, 1, 1]``, padded mini-batches of ``size`` slots), instead of ``size``."""
+    coef = minibatch_coefficients(size, True, x.device, x.dtype) * (size if counts is None else counts)
     scores = x @ y.transpose(-2, -1)
     return (coef * (scores + 1 if plus_one else scores)) @ g
 
@@ -104,33 +106,34 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
     if mini_batch_size < 1:
         raise ValueError(f'mini_batch_size must be ≥ 1, got {mini_batch_size}')
     bsz, heads, n, d = q.shape
-    size = min(mini_batch_size, n)
-    full = n // size
-    sizes = [size, n - full * size][:1 + (full * size < n)]                # whole mini-batches, the shorter last one
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, *state.values()))
     root_d = math.sqrt(d)
     ln_w, ln_b = _per_sample(state['ln_weight'], bsz), _per_sample(state['ln_bias'], bsz)  # [BH, 1, d]
     w_sq, w_b = ln_w * ln_w * root_d, ln_w * ln_b
-    # each of these: [the whole mini-batches [K, B, h, b, ·], the shorter last one [B, h, r, ·]] (views)
-    k_blocks, v_blocks = _block_views(k, size, full), _block_views(v, size, full)
-    eta = [_flat(x * (root_d / m)) for x, m in zip(_block_views(lr.unsqueeze(-1), size, full), sizes)]  # √d η_j / b
-    steps = list(zip(k_blocks[0].unbind(0), v_blocks[0].unbind(0), eta[0].unbind(0)))
-    steps += list(zip(k_blocks[1:], v_blocks[1:], eta[1:]))
-    ones = q.new_ones(()).expand(bsz, heads, size, 1)
-    keys = []                                                               # [K | 1] per step (causal Q side only)
+    ones = q.new_ones(()).expand(bsz, heads, mini_batch_size, 1)
 
     def k_side(k_i, v_i, eta_i):
         """``[K | 1]`` ``[BH, b, d + 1]`` of one mini-batch and its gradient at the output z: ``grad(z) -> G``."""
         xk = torch.cat([k_i, ones[:, :, :k_i.shape[2]]], dim=-1)
         c = torch.addcmul(w_b, ln_w, _flat(xk[..., :d] - v_i))             # weight · (bias − target), target = V − K
         xk = _flat(xk)
-        if causal:
-            keys.append(xk)
 
         def grad(z):                                                        # (η_j / b) dℓ_j/dz_j
             u, r = ln_l2_grad_parts(z, c, w_sq, eps)
             return u * (r * eta_i)
         return xk, grad
+
+    if torch.compiler.is_exporting():  # a symbolic N: padded mini-batches in one scan op
+        return _captured_scan(kind, q, k, v, lr, state, k_side, mini_batch_size, causal, eps, bsz, heads)
+    size = min(mini_batch_size, n)
+    full = n // size
+    sizes = [size, n - full * size][:1 + (full * size < n)]                # whole mini-batches, the shorter last one
+    # each of these: [the whole mini-batches [K, B, h, b, ·], the shorter last one [B, h, r, ·]] (views)
+    k_blocks, v_blocks = _block_views(k, size, full), _block_views(v, size, full)
+    eta = [_flat(x * (root_d / m)) for x, m in zip(_block_views(lr.unsqueeze(-1), size, full), sizes)]  # √d η_j / b
+    steps = list(zip(k_blocks[0].unbind(0), v_blocks[0].unbind(0), eta[0].unbind(0)))
+    steps += list(zip(k_blocks[1:], v_blocks[1:], eta[1:]))
+    keys = []                                                               # [K | 1] per step (causal Q side only)
 
     if kind == 'linear':
         w = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)   # [BH, d + 1, d]
@@ -139,6 +142,7 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
             xk, grad = k_side(*step)
             g = grad(torch.bmm(xk, w))
             if causal:
+                keys.append(xk)
                 grads.append(g)
             w = states.add(torch.baddbmm(w, xk.transpose(1, 2), g, alpha=-1, out=states.slot(i)))
         xq = [_flat(_with_ones(x)) for x in _block_views(q, size, full)]   # [Q | 1]
@@ -159,6 +163,7 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
             g2 = grad(torch.baddbmm(b2, x2, w2))
             g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, w2.transpose(1, 2)), z1)  # G2 W2ᵀ ⊙ GELU'(z1), one op
             if causal:
+                keys.append(xk)
                 grads1.append(g1)
                 grads2.append(g2)
                 hidden.append(x2)
@@ -177,6 +182,64 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
         else:
             zq = [F.gelu(x @ w1_p) @ w2_p + b2_p for x, w1_p, w2_p, b2_p in zip(xq, w1s, w2s, b2s)]
     return _tail(zq, xq, ln_w, ln_b, eps, bsz, heads, size, track)
+
+
+def _captured_scan(kind, q, k, v, lr, state, k_side, size: int, causal: bool, eps: float, bsz: int, heads: int):
+    """The scan while ``torch.export`` captures it, for any (symbolic) token count N: the tokens padded to
+    K = ⌈N / b⌉ + 1 whole mini-batches of ``b = mini_batch_size`` slots, the padding with zero keys, values and lr
+    (so zero gradient) and every slot's ``√d η_j`` divided by its own mini-batch's token count (the last one may be
+    shorter), so the K steps have one shape and run as one ``torch`` scan (ONNX ``Scan``); the step is the eager
+    loop's (``k_side``). Same function as the loop (the shorter last mini-batch's mean and, causal, its ``(i + 1)``
+    weights are unchanged by the padding); tested against it in tests/models/test_export.py."""
+    from torch._higher_order_ops.scan import scan
+
+    n, d = q.shape[2], q.shape[3]
+    # one more mini-batch than the tokens need, all padding (a step with zero gradient): the scan is then at least
+    # 2 long for every N, and a length that could be 1 would be specialised by torch.export
+    blocks = (n + size - 1) // size + 1
+    pad = blocks * size - n
+    padded = lambda t: F.pad(t, (0, 0, 0, pad))                                   # [B, h, K·b, ·]
+    slot = torch.arange(blocks * size, device=q.device)
+    counts = (n - slot // size * size).clamp(1, size)                           # tokens in each slot's mini-batch
+    eta = padded(lr.unsqueeze(-1)) * (math.sqrt(d) / counts.to(lr.dtype)).view(1, 1, -1, 1)
+    blocked = lambda t: t.unflatten(2, (blocks, size)).permute(2, 0, 1, 3, 4)     # [K, B, h, b, ·]
+    xs = (blocked(padded(k)), blocked(padded(v)), _flat(blocked(eta)))
+    block_counts = counts[::size].to(q.dtype).view(-1, 1, 1, 1)                # [K, 1, 1, 1]
+    xq = _flat(_with_ones(blocked(padded(q))))                                  # [K, B·h, b, d + 1]
+    if kind == 'linear':
+        w0 = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)
+
+        def step(w, x):                 # ys: the state each mini-batch's queries read (causal: the one before)
+            xk, grad = k_side(*x)
+            g = grad(torch.bmm(xk, w))
+            new = torch.baddbmm(w, xk.transpose(1, 2), g, alpha=-1)
+            return new, ((w if causal else new).clone(), g, xk)
+        _, (read, grads, keys) = scan(step, w0, xs)
+        zq = xq @ read
+        if causal:
+            zq = zq - _causal_dual(xq, keys, grads, size, counts=block_counts)
+    else:
+        init = (torch.cat([_per_sample(state['w1'], bsz), _per_sample(state['b1'], bsz)], dim=-2),
+                _per_sample(state['w2'], bsz), _per_sample(state['b2'], bsz))
+
+        def step(carry, x):
+            w1, w2, b2 = carry
+            xk, grad = k_side(*x)
+            z1 = torch.bmm(xk, w1)
+            x2 = F.gelu(z1)
+            g2 = grad(torch.baddbmm(b2, x2, w2))
+            g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, w2.transpose(1, 2)), z1)
+            new = (torch.baddbmm(w1, xk.transpose(1, 2), g1, alpha=-1),
+                   torch.baddbmm(w2, x2.transpose(1, 2), g2, alpha=-1), b2 - g2.sum(1, keepdim=True))
+            return new, tuple(t.clone() for t in (carry if causal else new)) + (g1, g2, x2, xk)
+        _, (w1s, w2s, b2s, grads1, grads2, hidden, keys) = scan(step, init, xs)
+        if causal:
+            xq2 = F.gelu(xq @ w1s - _causal_dual(xq, keys, grads1, size, counts=block_counts))
+            zq = xq2 @ w2s + b2s - _causal_dual(xq2, hidden, grads2, size, plus_one=True, counts=block_counts)
+        else:
+            zq = F.gelu(xq @ w1s) @ w2s + b2s
+    ln_w, ln_b = _per_sample(state['ln_weight'], bsz), _per_sample(state['ln_bias'], bsz)
+    return _tail([zq], [xq], ln_w, ln_b, eps, bsz, heads, size, True)[:, :, :n]
 
 
 def _tail(zq: list, xq: list, ln_w, ln_b, eps: float, bsz: int, heads: int, size: int, track: bool) -> torch.Tensor:
