@@ -24,6 +24,19 @@ def parse_size(text: str) -> Tuple[int, int]:
     return parts[0], parts[1]
 
 
+def parse_setting(text: str):
+    """``KEY=VALUE`` of a model option (``--set``): ``(key, value)``, the value an int, a float, None or a string."""
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {text!r}')
+    for parse in (int, float):
+        try:
+            return key, parse(value)
+        except ValueError:
+            pass
+    return key, None if value in ('None', 'none') else value
+
+
 def cmd_models(args) -> int:
     import torch
     import timm
@@ -278,7 +291,7 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(
         models=args.models, sizes=args.sizes, modes=args.mode, dtypes=args.dtype, batch_size=args.batch_size,
         threads=args.threads, repeats=args.repeats, warmup=args.warmup, attn=args.attn, lean=args.lean,
-        compile=args.compile,
+        compile=args.compile, ort='ort' in args.backend,
         baseline=args.baseline, device=args.device, memory=not args.no_memory, timing=not args.no_time,
         train_sizes=args.train_sizes, train_batch_size=args.train_batch_size)
     result = run_bench(settings, command=args.command_line)
@@ -392,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--compile', action='store_true',
                    help='add a <spec>+compile variant (torch.compile, static shapes) of every model; compiled in '
                         'its warm-up calls (at least one), CPU memory not measured (compilation would be in it)')
+    p.add_argument('--backend', nargs='+', choices=['eager', 'ort'], default=['eager'],
+                   help='ort: add a <spec>+ort variant of every model, exported to ONNX (vittt export, one file '
+                        'per resolution, dynamic batch) and timed in onnxruntime with the same threads (fp32 '
+                        'inference on the CPU; export time not timed, memory not measured)')
     p.add_argument('--baseline', metavar='LABEL',
                    help='variant to compare against (default: the first deit* variant, else the first attention '
                         'DiT (dit_*), else the first)')
@@ -502,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .tasks.ablate.cli import add_ablate_parser
     add_ablate_parser(sub)  # vittt ablate --table N (cmd_ablate is set on the subparser)
+
+    from .tasks.export.cli import add_export_parser
+    add_export_parser(sub)  # vittt export MODEL OUT.onnx|OUT.pt2 (cmd_export is set on the subparser)
 
     p = sub.add_parser('demo', help='Fashion-MNIST: ViT³ vs DeiT at equal recipe and budget, with a report')
     p.add_argument('--output', default='results/demo')

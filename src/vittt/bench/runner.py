@@ -46,6 +46,7 @@ class BenchSettings:
     attn: List[str] = field(default_factory=lambda: ['fused'])
     lean: bool = False
     compile: bool = False
+    ort: bool = False                                     # --backend ort: add onnxruntime variants
     baseline: Optional[str] = None
     device: str = 'cpu'
     memory: bool = True
@@ -96,7 +97,8 @@ def build_variants(settings: BenchSettings, log: Log = _stderr) -> Tuple[List[Va
         for size in {*settings.sizes_for('infer'), *settings.sizes_for('train')}:
             model_input(model, size)  # a DiT refuses image sizes without a whole latent
         attention, lean_blocks = probe_model(model)
-        for variant in expand_variants(spec, attention, lean_blocks, settings.attn, settings.lean, settings.compile):
+        for variant in expand_variants(spec, attention, lean_blocks, settings.attn, settings.lean, settings.compile,
+                                       settings.ort):
             variants.append(variant)
             params[variant.label] = count_params(model)
         del model
@@ -295,7 +297,9 @@ def _measure_point(workloads: Sequence[Workload], settings: BenchSettings, threa
             if workload.mode == 'infer' and entry['macs'] and matmul:
                 rate = entry['macs'] / (entry['time']['median_ms'] / 1e3) / 1e9
                 entry['time'].update(gmacs_per_s=rate, fraction_of_matmul=rate / matmul['gmacs_per_s'])
-        if settings.memory:
+        if settings.memory and workload.variant.ort:
+            entry['memory'] = dict(reason='onnxruntime allocates outside torch: not measured')
+        elif settings.memory:
             memory = entry['memory'] = _measure_memory(workload, threads)
             if memory.get('activation_bytes') is not None:
                 log(f'[bench] {tag}: {label} activation {memory["activation_bytes"] / 2 ** 20:.1f} MiB, '
@@ -304,6 +308,14 @@ def _measure_point(workloads: Sequence[Workload], settings: BenchSettings, threa
                 log(f'[bench] {tag}: {label} memory not measured: {memory.get("error") or memory.get("reason")}')
         entries.append(entry)
     return entries
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+        return onnxruntime.__version__
+    except ImportError:
+        return '(not installed)'
 
 
 def _notes(settings: BenchSettings) -> List[str]:
@@ -326,6 +338,11 @@ def _notes(settings: BenchSettings) -> List[str]:
                      'allocations (thread pools, kernel scratch), so small configurations show a floor of a few MiB. '
                      'total = the process\'s peak RSS (interpreter and libraries included). Train steps include the '
                      'parameter gradients.')
+    if settings.ort:
+        notes.append('+ort: the model exported to ONNX by vittt export (torch.export -> torch.onnx, one file per '
+                     'resolution, dynamic batch, checked against eager PyTorch) and run by onnxruntime '
+                     f'{_ort_version()} (CPU, default graph optimisations, intra-op threads = torch\'s); the export '
+                     'is not timed and its memory is not measured')
     if settings.compile:
         notes.append('+compile: torch.compile (Inductor, static shapes: each size compiled for itself), compiled in '
                      'the warm-up (not timed); '
@@ -377,7 +394,7 @@ def run_bench(settings: BenchSettings, log: Log = _stderr, command: Optional[Seq
 
     measurements: List[Dict[str, Any]] = []
     for mode in settings.modes:
-        mode_variants = [v for v in variants if mode == 'infer' or not v.lean]  # lean is an inference mode
+        mode_variants = [v for v in variants if mode == 'infer' or not (v.lean or v.ort)]  # inference-only variants
         for dtype in settings.dtypes:
             for size in settings.sizes_for(mode):
                 workloads = [Workload(v, size, mode, dtype, settings.batch_for(mode), settings.device)

@@ -29,13 +29,15 @@ class Variant:
 
     ``attn`` is 'fused' or 'math' for models with timm attention modules and None for models without any;
     ``lean`` switches on the TTT blocks' memory-lean inference mode; ``compiled`` wraps the model in
-    ``torch.compile`` (static shapes, default options; the warm-up calls compile it).
+    ``torch.compile`` (static shapes, default options; the warm-up calls compile it); ``ort`` runs the model exported
+    to ONNX (dynamic batch and resolution, ``vittt export``'s path) in onnxruntime (inference only).
     """
     label: str
     spec: ModelSpec
     attn: str | None = None
     lean: bool = False
     compiled: bool = False
+    ort: bool = False
 
 
 def _split_top_level(text: str, sep: str = ',') -> List[str]:
@@ -125,10 +127,11 @@ def probe_model(model: nn.Module) -> Tuple[int, int]:
 
 
 def expand_variants(spec: ModelSpec, attention_modules: int, lean_blocks: int, attn_modes: Sequence[str],
-                    lean: bool, compiled: bool = False) -> List[Variant]:
+                    lean: bool, compiled: bool = False, ort: bool = False) -> List[Variant]:
     """The variants of one model: one per requested attention kernel when the model has timm attention (the fused
     one labelled by the spec, the explicit one ``<spec>+math``), else the plain model; plus ``<spec>+lean`` when
-    asked for and the model has a memory-lean mode, and ``<spec>+compile`` (fused attention) when asked for."""
+    asked for and the model has a memory-lean mode, ``<spec>+compile`` (fused attention) and ``<spec>+ort``
+    (onnxruntime) when asked for."""
     unknown = set(attn_modes) - set(ATTN_MODES)
     if unknown:
         raise ValueError(f'unknown attention mode(s) {sorted(unknown)}; choose from {list(ATTN_MODES)}')
@@ -142,6 +145,8 @@ def expand_variants(spec: ModelSpec, attention_modules: int, lean_blocks: int, a
     if compiled:
         variants.append(Variant(f'{spec.text}+compile', spec, attn='fused' if attention_modules else None,
                                 compiled=True))
+    if ort:
+        variants.append(Variant(f'{spec.text}+ort', spec, attn='fused' if attention_modules else None, ort=True))
     return variants
 
 

@@ -1,6 +1,7 @@
 """One benchmarked step: a variant built at a resolution, its inputs, and the callable that runs it."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Sequence, Tuple
 
@@ -104,6 +105,8 @@ def build_model(workload: Workload) -> nn.Module:
     variant is returned wrapped in ``torch.compile(dynamic=False)`` (compiled on its first call)."""
     from ..layers import set_memory_lean
 
+    if workload.variant.ort:
+        return ort_model(workload)
     model = create_model(workload.variant.spec, workload.size)
     if workload.variant.attn is not None:
         for module in model.modules():
@@ -117,6 +120,44 @@ def build_model(workload: Workload) -> nn.Module:
     # dynamic=False: each resolution compiled for itself (as a fixed-resolution deployment would), never the
     # automatic dynamic-shape recompile that a second size would trigger
     return torch.compile(model, dynamic=False) if workload.variant.compiled else model
+
+
+_ORT_FILES: Dict[str, str] = {}
+
+
+class OrtModel(nn.Module):
+    """An onnxruntime session called like the model (inference, CPU): tensors in, the first output as a tensor."""
+
+    def __init__(self, path: str, threads: int, like: nn.Module):
+        super().__init__()
+        from ..tasks.export import run_exported
+        self.run = run_exported(path, 'onnx', threads=threads)
+        self.in_chans = getattr(like, 'in_chans', 3)
+        self.num_classes = getattr(like, 'num_classes', 0)
+        self.like = [like]  # (not a submodule) what model_input inspects
+
+    def forward(self, *args):
+        return self.run(*args)[0]
+
+
+def ort_model(workload: Workload) -> OrtModel:
+    """The variant's model exported to ONNX once per process, spec and resolution (as a fixed-resolution deployment
+    would, and as ``+compile`` compiles each size; a dynamic batch) through ``vittt export``'s path (checked against
+    eager PyTorch), run by an onnxruntime session with torch's thread count."""
+    import tempfile
+    from ..tasks.export import export_model
+
+    if workload.mode != 'infer' or workload.dtype != 'fp32' or torch.device(workload.device).type != 'cpu':
+        raise ValueError('the onnxruntime backend times fp32 inference on the CPU only')
+    spec = workload.variant.spec
+    model = create_model(spec, workload.size).eval()
+    key = f'{spec.text}@{workload.size[0]}x{workload.size[1]}'
+    if key not in _ORT_FILES:
+        shape, _ = model_input(model, workload.size)
+        path = os.path.join(tempfile.mkdtemp(prefix='vittt-bench-ort-'), 'model.onnx')
+        export_model(spec.name, path, module=model, dynamic=('batch',), example_size=shape[1:], log=lambda *_: None)
+        _ORT_FILES[key] = path
+    return OrtModel(_ORT_FILES[key], torch.get_num_threads(), model)
 
 
 def _loss(output: Any, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -135,7 +176,8 @@ def make_step(model: nn.Module, workload: Workload) -> Callable[[], None]:
     device, batch = torch.device(workload.device), workload.batch_size
     generator = torch.Generator().manual_seed(SEED)
     infer_dtype = torch.bfloat16 if workload.dtype == 'bf16' else torch.float32
-    shape, model_args = model_input(getattr(model, '_orig_mod', model), workload.size)
+    inner = model.like[0] if isinstance(model, OrtModel) else getattr(model, '_orig_mod', model)
+    shape, model_args = model_input(inner, workload.size)
     x = torch.randn(batch, *shape, generator=generator)
     if workload.mode == 'infer':
         x = x.to(device=device, dtype=infer_dtype)

@@ -10,3 +10,12 @@ from .rope import RoPE2d, rope_2d_angles
 from .switches import SWITCHES, FastPathSettings, PerModule, fast_path, fast_path_settings, set_fast_path
 from .ttt import TTTMixer, vit3_inner_models
 from .vision_ttt import MERGE_RULES, SCAN_ORDERS, TTTInnerState, VisionTTTMixer
+
+# torch.fx (timm's FX feature extraction / test_model_*_fx, torchvision's create_feature_extractor with timm's tracer
+# arguments): the inner models, RoPE tables and Vision-TTT's scans are leaves (their shape arithmetic and caches run
+# eagerly inside one graph node); everything around them (projections, norms, MLPs, convolutions) is traced
+from timm.layers import register_notrace_module as _leaf
+
+for _module in (InnerModel, RoPE2d, VisionTTTMixer):
+    _leaf(_module)
+del _leaf, _module

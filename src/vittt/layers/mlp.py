@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import gelu_linear
+from ..ops._capture import symbolic_shapes
 from .grid import GridSize, map_to_tokens, tokens_to_map
 
 __all__ = ['TokenMlp']
@@ -35,7 +36,8 @@ class TokenMlp(nn.Module):
         if self.dwc is not None:
             a = self.drop1(self.act(h))
             h = a + map_to_tokens(self.dwc(tokens_to_map(a, grid_size)))
-        if torch.is_grad_enabled() and type(self.act) is nn.GELU and not dropout_before_fc2:
+        if (torch.is_grad_enabled() and type(self.act) is nn.GELU and not dropout_before_fc2
+                and not symbolic_shapes()):  # (the fused function saves memory in training; captured graphs: plain ops)
             out = gelu_linear(h, self.fc2.weight, self.fc2.bias, self.act.approximate)
         else:
             a = self.act(h)

@@ -132,11 +132,12 @@ class TTTMixer(nn.Module):
         return rows
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        parts = iter(self.qkv(x).split(self._splits, dim=-1))
-        outs = []
+        parts = self.qkv(x).split(self._splits, dim=-1)   # (indexed, not iterated: torch.fx traces indexing)
+        outs, i = [], 0
         for inner in self.inner:
-            q, k, v = next(parts), next(parts), next(parts)
-            lr_logits = next(parts) if inner.lr_width else None
+            q, k, v = parts[i], parts[i + 1], parts[i + 2]
+            lr_logits = parts[i + 3] if inner.lr_width else None
+            i += 4 if inner.lr_width else 3
             if self.rope is not None and inner.accepts_rope:
                 q, k = self.rope(q, grid_size), self.rope(k, grid_size)
             outs.append(inner(q, k, v, grid_size, lr_logits) if lr_logits is not None else inner(q, k, v, grid_size))

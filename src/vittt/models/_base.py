@@ -9,13 +9,17 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 __all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block', 'vit3_pretrained_cfg', 'create_model',
            'quarter_depth_indices', 'SingleGridMixin']
 
 
 def check_images(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
-    """Raise a ValueError naming the problem when ``x`` is not a batch of images this model can take."""
+    """Raise a ValueError naming the problem when ``x`` is not a batch of images this model can take (not checked
+    while ``torch.fx`` traces the model symbolically: its sizes are proxies then)."""
+    if is_fx_symbolic_tracing():
+        return
     if x.ndim != 4:
         raise ValueError(f'{model_name} expects images shaped [B, C, H, W], got a tensor of shape {tuple(x.shape)}')
     if x.shape[1] != in_chans:

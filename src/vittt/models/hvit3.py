@@ -162,7 +162,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_hvit3(variant: str, pretrained: bool = False, **kwargs) -> HViT3:
-    return create_model(HViT3, variant, pretrained, (0, 1, 2, 3), **kwargs)
+    return create_model(HViT3, variant, pretrained, tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))), **kwargs)
 
 
 @register_model

@@ -4,6 +4,8 @@ listed in :data:`SUBCOMMANDS`."""
 from __future__ import annotations
 
 import argparse
+
+from ...cli import parse_setting
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ['add_explain_parser', 'add_erf_parser', 'add_tokens_parser', 'add_inner_parser', 'cmd_erf', 'cmd_tokens',
@@ -86,19 +88,6 @@ def add_tokens_parser(actions) -> argparse.ArgumentParser:
     return p
 
 
-def _switch(text: str):
-    """``KEY=VALUE`` of a design switch; the value parsed as int, float, None or kept as a string."""
-    key, sep, value = text.partition('=')
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {text!r}')
-    for parse in (int, float):
-        try:
-            return key, parse(value)
-        except ValueError:
-            pass
-    return key, None if value in ('None', 'none') else value
-
-
 def add_inner_parser(actions) -> argparse.ArgumentParser:
     """``vittt explain inner``."""
     p = actions.add_parser('inner', help='inner training per layer and head: loss before / after, gradient norms, '
@@ -109,7 +98,7 @@ def add_inner_parser(actions) -> argparse.ArgumentParser:
     p.add_argument('--models', '--model', nargs=1, required=True, metavar='NAME', help='one vittt model name')
     p.add_argument('--checkpoint', metavar='PATH', help='its weights (default: random initialisation)')
     p.add_argument('--image', type=int, default=0, help='which of the drawn images (default 0)')
-    p.add_argument('--set', nargs='+', type=_switch, default=[], metavar='KEY=VALUE',
+    p.add_argument('--set', nargs='+', type=parse_setting, default=[], metavar='KEY=VALUE',
                    help='design switches of a model built without checkpoint, e.g. inner_loss=mae inner_depth=3')
     _common_arguments(p, images=1, output='results/explain/inner')
     p.set_defaults(func=cmd_inner)

@@ -116,10 +116,7 @@ def load_export_model(name: str, checkpoint=None, features_only: bool = False,
     if dit_name in DIT_CONFIGS:
         if features_only:
             raise ValueError(f'{name} is a generator: it has no features_only backbone')
-        model = _load_dit(dit_name, checkpoint, kwargs)
-        size = 32 if model.in_chans == 4 else 28          # 256² images as SD-VAE latents, else Fashion-MNIST pixels
-        size += -size % model.patch_size
-        return _Target(model, 'dit', model.in_chans, model.patch_size, model.patch_size, size)
+        return target_of(_load_dit(dit_name, checkpoint, kwargs))  # traced at 32² latents (256² images) or 28² pixels
     if not timm.is_model(name):
         raise ValueError(f'unknown model {name!r}: not a registered timm / vittt model nor a DiT name '
                          '(dit3_{s,b,l,xl}_{2,4,8}, dit_*)')
@@ -142,6 +139,18 @@ def load_export_model(name: str, checkpoint=None, features_only: bool = False,
                 taps = timm.create_model(name, pretrained=False, features_only=True).out_indices
             model = FeatureGetterNet(model, out_indices=taps)
     return _Target(model.eval(), 'image', int(in_chans), _stride(model), 1, int(size))
+
+
+def target_of(model: nn.Module) -> _Target:
+    """How to call and check an already built model (a DiT³ / DiT, or an image model)."""
+    from ...models.dit3 import DiT3
+
+    if isinstance(model, DiT3):
+        size = 32 if model.in_chans == 4 else 28 + -28 % model.patch_size
+        return _Target(model, 'dit', model.in_chans, model.patch_size, model.patch_size, size)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    size = int(dict(cfg).get('input_size', (3, 224, 224))[-1])
+    return _Target(model, 'image', int(getattr(model, 'in_chans', 3) or 3), _stride(model), 1, size)
 
 
 def _load_dit(name: str, checkpoint, kwargs: dict) -> nn.Module:
@@ -238,11 +247,13 @@ def export_model(name: str, output, *, checkpoint=None, features_only: bool = Fa
                  dynamic: Sequence[str] = DYNAMIC_AXES, min_size: Optional[int] = None,
                  max_size: Optional[int] = None, opset: Optional[int] = None, tolerance: float = 1e-4,
                  example_size: Optional[Tuple[int, int]] = None, max_batch: int = 1024,
-                 model_kwargs: Optional[dict] = None, log: Callable[[str], None] = print) -> ExportResult:
+                 model_kwargs: Optional[dict] = None, module: Optional[nn.Module] = None,
+                 log: Callable[[str], None] = print) -> ExportResult:
     """Export ``name`` to ``output`` (``.onnx`` or ``.pt2``) with the ``dynamic`` axes (a subset of ``batch``,
     ``height``, ``width``; height and width go together), check the written file against eager PyTorch at
     :func:`check_shapes` and keep it only if every output agrees within ``tolerance`` (an absolute difference, scaled
-    by ``max(1, max |eager output|)``). Raises :class:`ExportMismatch` otherwise (no file is left behind)."""
+    by ``max(1, max |eager output|)``). Raises :class:`ExportMismatch` otherwise (no file is left behind).
+    ``module``: export this already built model (``name`` then only labels it)."""
     output = os.fspath(output)
     fmt = FORMATS.get(os.path.splitext(output)[1].lower())
     if fmt is None:
@@ -261,7 +272,8 @@ def export_model(name: str, output, *, checkpoint=None, features_only: bool = Fa
                 __import__(module)
             except ImportError as e:
                 raise RuntimeError(f'ONNX export needs {module}: pip install "vittt[onnx]"') from e
-    target = load_export_model(name, checkpoint, features_only, model_kwargs)
+    target = load_export_model(name, checkpoint, features_only, model_kwargs) if module is None else \
+        target_of(module.eval())
     smallest = 2 * target.stride
     lo = smallest if min_size is None else min_size
     hi = max(4096, lo) if max_size is None else max_size
@@ -302,7 +314,9 @@ def export_model(name: str, output, *, checkpoint=None, features_only: bool = Fa
         if fmt == 'onnx':
             log(f'converting to ONNX (torch.onnx dynamo exporter{f", opset {opset}" if opset else ""})')
             kwargs = {} if opset is None else dict(opset_version=opset)
-            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, **kwargs)
+            # optimize=False: onnxscript's graph rewriter takes minutes on these graphs (onnxruntime optimises the
+            # graph itself when a session loads it)
+            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, optimize=False, **kwargs)
             onnx_program.save(tmp, external_data=False)
             import onnx
             onnx.checker.check_model(tmp, full_check=True)
