@@ -24,6 +24,17 @@ def parse_size(text: str) -> Tuple[int, int]:
     return parts[0], parts[1]
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+    return value
+
+
 def parse_setting(text: str):
     """``KEY=VALUE`` of a model option (``--set``): ``(key, value)``, the value an int, a float, None or a string."""
     key, sep, value = text.partition('=')

@@ -272,6 +272,26 @@ def test_bench_compiled_variants(tmp_path):
     assert any('+compile' in note for note in result['notes'])
 
 
+@pytest.mark.slow
+def test_bench_onnxruntime_variants(tmp_path):
+    """--backend ort: a +ort variant per model (ViT³ and DeiT the same way), exported and checked once per resolution,
+    timed in onnxruntime beside eager, inference only, memory reported as not measured."""
+    pytest.importorskip('onnxruntime')
+    out = tmp_path / 'bench'
+    vit3 = 'vit3_tiny:depth=1,embed_dim=32,num_heads=2'
+    assert main(['bench', '--models', vit3, DEIT, '--sizes', '32', '--repeats', '1', '--warmup', '0', '--backend',
+                 'ort', '--mode', 'infer', 'train', '--threads', '1', '--output', str(out)]) == 0
+    result = json.loads((out / 'bench.json').read_text())
+    labels = [vit3, f'{vit3}+ort', DEIT, f'{DEIT}+ort']
+    assert [v['label'] for v in result['variants']] == labels
+    infer = {m['variant']: m for m in result['measurements'] if m['mode'] == 'infer'}
+    train = {m['variant'] for m in result['measurements'] if m['mode'] == 'train'}
+    assert set(infer) == set(labels) and train == {vit3, DEIT} and not any('error' in m for m in infer.values())
+    assert all(math.isfinite(infer[label]['time']['median_ms']) for label in labels)
+    assert 'onnxruntime' in infer[f'{vit3}+ort']['memory']['reason']
+    assert any('+ort' in note for note in result['notes'])
+
+
 def test_compiled_workload_round_trip():
     variant = expand_variants(parse_model_spec(VIT3), 0, 0, ['fused'], lean=False, compiled=True)[1]
     workload = Workload(variant, (32, 32), 'infer', 'fp32')

@@ -5,7 +5,7 @@ classification models forward and backward (timm's FX feature extraction, as in 
 While a graph is captured the ops take shape-agnostic forms: pads always applied (with symbolic widths), no RoPE /
 sin-cos cache keyed by the sizes, the SwiGLU / depth-wise inner models on their composable path (batched over heads,
 no per-sample conv groups: ONNX's Conv has a static ``group``), Vision-TTT's mini-batch scan as one padded scan op.
-The ONNX files themselves are checked in tests/tasks/export/test_export.py."""
+The ONNX files themselves are checked in tests/tasks/export/test_export_cli.py."""
 import pytest
 import timm
 import torch

@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._capture import capturing_for_export
 from ..normalize import inner_step, soft_normalize_backward
 
 __all__ = ['swiglu_ttt_fused']
@@ -46,10 +45,7 @@ def _into(out: torch.Tensor, fn, *args) -> None:
 
 
 def _silu_grad_into(out: torch.Tensor, grad: torch.Tensor, z: torch.Tensor) -> None:
-    if capturing_for_export():  # spelled out: ONNX has no silu_backward
-        sig = torch.sigmoid(z)
-        out.copy_(grad * sig * (1 + z * (1 - sig)))
-    elif torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         out.copy_(_silu_grad(grad, z))
     else:
         _silu_grad.grad_input(grad, z, grad_input=out)
@@ -66,13 +62,13 @@ class _Slices:
     """The per-sample-and-head matmuls run as a few batched matmuls over 3-D views: one per head (batched over the
     samples) when there are more samples than heads (training batches), else one per sample (batched over the
     heads; inference at batch 1). Either way no operand is copied: the views index the tensors' own strides.
+    (While a graph is captured for export the inner model takes the composable path instead, :class:`SwiGLUInner`.)
 
     Layouts: token-major ``[B, N, h, c]`` (q, k, v, the output), per-sample matrices ``[B, h, r, c]`` (G, W'),
-    head-major buffers ``[h, B, N, c]`` (Z, M and the backward's token gradients). While a graph is captured for
-    export it is always one per head, so the number of calls does not depend on a (dynamic) batch size."""
+    head-major buffers ``[h, B, N, c]`` (Z, M and the backward's token gradients)."""
 
     def __init__(self, batch: int, heads: int):
-        self.over_heads = capturing_for_export() or heads < batch
+        self.over_heads = heads < batch
         self.count = heads if self.over_heads else batch
 
     def tok(self, t: torch.Tensor, i: int) -> torch.Tensor:

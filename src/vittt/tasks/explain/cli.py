@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from ...cli import parse_setting
+from ...cli import parse_setting, positive_int
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ['add_explain_parser', 'add_erf_parser', 'add_tokens_parser', 'add_inner_parser', 'cmd_erf', 'cmd_tokens',
            'cmd_inner',
            'parse_checkpoints', 'SUBCOMMANDS']
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
-    return value
 
 
 def parse_checkpoints(items: Optional[Sequence[str]], models: Sequence[str]) -> Dict[str, str]:
@@ -49,10 +39,10 @@ def _common_arguments(p: argparse.ArgumentParser, images: int, output: str) -> N
     p.add_argument('--data', default='fashion-mnist',
                    help="'fashion-mnist' (default; its test split), a folder with val/ class folders, a timm dataset, "
                         "or 'noise' (standard-normal images)")
-    p.add_argument('--images', type=_positive_int, default=images, help=f'how many images (default {images})')
-    p.add_argument('--img-size', type=_positive_int,
+    p.add_argument('--images', type=positive_int, default=images, help=f'how many images (default {images})')
+    p.add_argument('--img-size', type=positive_int,
                    help="input side (default: a checkpoint's training size, else 224)")
-    p.add_argument('--batch-size', type=_positive_int, default=8, help='images per backward pass (default 8)')
+    p.add_argument('--batch-size', type=positive_int, default=8, help='images per backward pass (default 8)')
     p.add_argument('--seed', type=int, default=0, help='draws the images (and the weights of uninitialised models)')
     p.add_argument('--output', default=output, help=f'folder for the PNG and JSON (default {output})')
 

@@ -19,18 +19,8 @@ def _dynamic(text: str):
     return axes
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
-    return value
-
-
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    from ...cli import parse_setting, parse_size
+    from ...cli import parse_setting, parse_size, positive_int
 
     p = subparsers.add_parser(
         'export', help='a model to ONNX (.onnx) or torch.export (.pt2), dynamic batch and resolution, verified',
@@ -50,12 +40,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--dynamic', type=_dynamic, default=('batch', 'height', 'width'),
                    help='dynamic axes: a comma-separated subset of batch,height,width, or none '
                         '(default batch,height,width)')
-    p.add_argument('--min-size', type=_positive, help='smallest input side of a dynamic resolution (default: twice '
+    p.add_argument('--min-size', type=positive_int, help='smallest input side of a dynamic resolution (default: twice '
                                                       "the model's stride, the smallest that exports)")
-    p.add_argument('--max-size', type=_positive, help='largest input side of a dynamic resolution (default 4096)')
+    p.add_argument('--max-size', type=positive_int, help='largest input side of a dynamic resolution (default 4096)')
     p.add_argument('--example-size', type=parse_size,
                    help='input size traced (N or HxW; default the model\'s nominal size) and checked')
-    p.add_argument('--opset', type=_positive, help='ONNX opset (default: torch.onnx\'s)')
+    p.add_argument('--opset', type=positive_int, help='ONNX opset (default: torch.onnx\'s)')
     p.add_argument('--tolerance', type=float, default=1e-4,
                    help='largest allowed |exported − eager| over max(1, max |eager output|) (default 1e-4)')
     p.add_argument('--json', help='also write the checks as JSON here')

@@ -267,11 +267,11 @@ def export_model(name: str, output, *, checkpoint=None, features_only: bool = Fa
     if not tolerance > 0:
         raise ValueError(f'the tolerance must be positive, got {tolerance}')
     if fmt == 'onnx':
-        for module in ('onnx', 'onnxscript', 'onnxruntime'):
+        for package in ('onnx', 'onnxscript', 'onnxruntime'):
             try:
-                __import__(module)
+                __import__(package)
             except ImportError as e:
-                raise RuntimeError(f'ONNX export needs {module}: pip install "vittt[onnx]"') from e
+                raise RuntimeError(f'ONNX export needs {package}: pip install "vittt[onnx]"') from e
     target = load_export_model(name, checkpoint, features_only, model_kwargs) if module is None else \
         target_of(module.eval())
     smallest = 2 * target.stride
