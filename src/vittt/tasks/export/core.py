@@ -104,7 +104,8 @@ def load_export_model(name: str, checkpoint=None, features_only: bool = False,
                       model_kwargs: Optional[dict] = None) -> _Target:
     """The model ``name`` in eval mode (randomly initialised, or with ``checkpoint``'s weights: an engine training
     checkpoint, an official ``.pth`` or a converted ``.safetensors``) and how to call it. DiT³ / DiT names
-    (``dit3_b_2``, ``DiTTT-B/2``) give a generator with ``(x, t, y)`` inputs."""
+    (``dit3_b_2``, ``DiTTT-B/2``) give a generator with ``(x, t, y)`` inputs (randomly initialised: its zero-initialised
+    adaLN and output layers get N(0, 0.02) weights too, so that its output is not identically 0)."""
     import timm
     from ...models.dit3 import DIT_CONFIGS, resolve_dit_name
 
@@ -158,7 +159,15 @@ def _load_dit(name: str, checkpoint, kwargs: dict) -> nn.Module:
     from ...models.official import load_checkpoint_file
 
     if checkpoint is None:
-        return create_dit(name, **kwargs).eval()
+        # DiT's adaLN-zero init makes a fresh model output exactly 0 whatever its input, which would make the check
+        # against eager PyTorch vacuous: give the zero-initialised layers small random weights instead
+        model = create_dit(name, **kwargs)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        return model.eval()
     raw = load_checkpoint_file(checkpoint)
     if isinstance(raw, dict) and raw.get('task') == 'generation':  # an engine checkpoint: its recipe builds the model
         from ..generation.run import load_generator
