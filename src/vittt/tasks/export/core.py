@@ -237,6 +237,9 @@ def run_exported(path: str, fmt: str, threads: Optional[int] = None) -> Callable
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # no busy-waiting between calls: spinning pool threads would steal the cores from whatever runs next (the
+        # eager variants a benchmark interleaves with this session)
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
         session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
         names = [i.name for i in session.get_inputs()]
 
