@@ -122,11 +122,8 @@ def load_export_model(name: str, checkpoint=None, features_only: bool = False,
         raise ValueError(f'unknown model {name!r}: not a registered timm / vittt model nor a DiT name '
                          '(dit3_{s,b,l,xl}_{2,4,8}, dit_*)')
     if checkpoint is None:
-        model = timm.create_model(name, pretrained=False, features_only=features_only, **kwargs)
-        in_chans = int(getattr(model, 'in_chans', 3) or 3)
-        cfg = getattr(model, 'pretrained_cfg', None) or timm.get_pretrained_cfg(name) or {}
-        cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
-        size = int(cfg.get('input_size', (3, 224, 224))[-1])
+        return target_of(timm.create_model(name, pretrained=False, features_only=features_only, **kwargs).eval(),
+                         name)
     else:
         if kwargs:
             raise ValueError('model options cannot be combined with --checkpoint (the checkpoint defines the model)')
@@ -139,19 +136,24 @@ def load_export_model(name: str, checkpoint=None, features_only: bool = False,
             with torch.device('meta'):  # the registered default taps (e.g. ViT³'s quarter depths)
                 taps = timm.create_model(name, pretrained=False, features_only=True).out_indices
             model = FeatureGetterNet(model, out_indices=taps)
-    return _Target(model.eval(), 'image', int(in_chans), _stride(model), 1, int(size))
+    return target_of(model.eval(), name, in_chans, size)
 
 
-def target_of(model: nn.Module) -> _Target:
-    """How to call and check an already built model (a DiT³ / DiT, or an image model)."""
+def target_of(model: nn.Module, name: Optional[str] = None, in_chans: Optional[int] = None,
+              size: Optional[int] = None) -> _Target:
+    """How to call and check an already built model (a DiT³ / DiT, or an image model); an image model's channels
+    and traced size default to its (or ``name``'s registered) ``pretrained_cfg``."""
     from ...models.dit3 import DiT3
 
     if isinstance(model, DiT3):
         size = 32 if model.in_chans == 4 else 28 + -28 % model.patch_size
         return _Target(model, 'dit', model.in_chans, model.patch_size, model.patch_size, size)
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    size = int(dict(cfg).get('input_size', (3, 224, 224))[-1])
-    return _Target(model, 'image', int(getattr(model, 'in_chans', 3) or 3), _stride(model), 1, size)
+    if size is None:
+        import timm
+        cfg = getattr(model, 'pretrained_cfg', None) or (timm.get_pretrained_cfg(name) if name else None) or {}
+        size = int((cfg if isinstance(cfg, dict) else cfg.to_dict()).get('input_size', (3, 224, 224))[-1])
+    chans = in_chans if in_chans is not None else getattr(model, 'in_chans', 3) or 3
+    return _Target(model, 'image', int(chans), _stride(model), 1, int(size))
 
 
 def _load_dit(name: str, checkpoint, kwargs: dict) -> nn.Module:
