@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ..io import atomic_write
-from ..models.official import CheckpointError, load_checkpoint_file
+from ..models.official import CheckpointError, check_state_dict, load_checkpoint_file
 
-__all__ = ['CHECKPOINT_FORMAT', 'WEIGHT_FORMATS', 'CheckpointError', 'save_checkpoint', 'load_training_checkpoint']
+__all__ = ['CHECKPOINT_FORMAT', 'WEIGHT_FORMATS', 'CheckpointError', 'save_checkpoint', 'load_training_checkpoint',
+           'is_weight_checkpoint', 'load_trained_model', 'load_model_weights']
 
 CHECKPOINT_FORMAT = 'vittt-train-2'
 #: formats whose ``model`` / ``ema`` / ``recipe`` / ``model_name`` / ``num_classes`` evaluation can read
@@ -32,3 +33,57 @@ def load_training_checkpoint(path) -> Dict[str, Any]:
         raise CheckpointError(f'{path}: not a vittt training checkpoint (no format {CHECKPOINT_FORMAT!r}); '
                               f'for model weights use vittt eval --checkpoint')
     return ckpt
+
+
+def is_weight_checkpoint(ckpt) -> bool:
+    """Whether a loaded checkpoint was written by a vittt trainer (this engine's or the one before it)."""
+    return isinstance(ckpt, dict) and ckpt.get('format') in WEIGHT_FORMATS
+
+
+def load_trained_model(checkpoint, use_ema: bool = True, model_name: Optional[str] = None, *,
+                       source: Optional[str] = None, **options):
+    """``(task, model in eval mode)`` from a checkpoint written by a vittt trainer (a path, or the loaded dict), for
+    any task: the task is rebuilt from the checkpoint's recipe and identity by its ``Task.from_checkpoint(ckpt,
+    **options)`` (no data needed), its model gets the EMA weights unless ``use_ema`` is False (or the run kept no
+    EMA), keys and shapes checked strictly. ``model_name``: refuse a checkpoint of another model; ``source``: the
+    file named in errors when ``checkpoint`` is already loaded."""
+    from .task import get_task
+
+    where = source or ('the checkpoint' if isinstance(checkpoint, dict) else str(checkpoint))
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint_file(checkpoint)
+    if not is_weight_checkpoint(ckpt):
+        raise CheckpointError(f'{where}: not a vittt training checkpoint (no format in {WEIGHT_FORMATS})')
+    # the classification trainer before the engine ('vittt-train-1') stored no task and the identity at the top
+    identity = ckpt.get('identity') or dict(model_name=ckpt.get('model_name'), num_classes=ckpt.get('num_classes'))
+    if model_name is not None and identity.get('model_name') != model_name:
+        raise ValueError(f'{where} holds a {identity.get("model_name")}, not a {model_name}')
+    task = get_task(ckpt.get('task') or 'classification').from_checkpoint(dict(ckpt, identity=identity), **options)
+    model = task.build_model()
+    state = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
+    check_state_dict(state, model)
+    model.load_state_dict(state)
+    return task, model.eval()
+
+
+def load_model_weights(model_name: str, checkpoint, use_ema: bool = True,
+                       img_size: Optional[int] = None) -> Tuple[torch.nn.Module, int, int]:
+    """``(model in eval mode, in_chans, img_size)`` of the image model ``model_name`` with ``checkpoint``'s weights:
+    a classification training checkpoint of the engine (its recipe's channels and size, dropout off), or an
+    official ``.pth`` / converted ``.safetensors`` (3 channels, 224); keys are checked strictly. ``img_size``
+    builds the model for another resolution."""
+    import timm
+    from ..models.official import convert_official_state_dict
+
+    raw = load_checkpoint_file(checkpoint)
+    if is_weight_checkpoint(raw):
+        kind = raw.get('task') or 'classification'
+        if kind != 'classification':
+            raise ValueError(f'{checkpoint} is a checkpoint of a {kind} run, not of an image classifier')
+        task, model = load_trained_model(raw, use_ema, model_name, source=str(checkpoint), img_size=img_size)
+        return model, int(task.recipe['in_chans']), int(task.recipe['img_size'])
+    state = convert_official_state_dict(raw, use_ema=use_ema)
+    num_classes = state['head.weight'].shape[0] if 'head.weight' in state else 1000
+    model = timm.create_model(model_name, num_classes=num_classes)  # (ViT³ models take any size as built)
+    check_state_dict(state, model)
+    model.load_state_dict(state)
+    return model.eval(), 3, img_size or 224

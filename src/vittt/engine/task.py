@@ -53,6 +53,12 @@ class Task:
     def __init__(self, recipe: Dict[str, Any]):
         self.recipe = recipe
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: Dict[str, Any], **options) -> 'Task':
+        """The task that wrote the training checkpoint ``ckpt``, rebuilt from its ``recipe`` and ``identity`` well
+        enough to :meth:`build_model` (no data is read); see :func:`vittt.engine.load_trained_model`."""
+        raise NotImplementedError(f'the {cls.name} task cannot rebuild its model from a checkpoint')
+
     # -------------------------------------------------------------------- what the engine calls
     def build_model(self) -> nn.Module:
         raise NotImplementedError

@@ -215,9 +215,7 @@ def train_row(recipe: Dict[str, Any], datasets: Tuple[Any, Any, int], folder, in
     evaluation came first). ``curves=False``: no ``curves.png`` in the run folder (the table's plots every row)."""
     import yaml
 
-    from ...engine import Trainer, recipe_yaml
-    from .. import classification  # noqa: F401  (registers the task)
-    from ..classification.task import ClassificationTask
+    from ...engine import Trainer, get_task, recipe_yaml
 
     folder = Path(folder)
     train_set, val_set, num_classes = datasets
@@ -229,7 +227,7 @@ def train_row(recipe: Dict[str, Any], datasets: Tuple[Any, Any, int], folder, in
                              f'delete {folder}) to train with this budget')
         resume = str(folder / 'last.pth')
     start = time.perf_counter()
-    task = ClassificationTask(recipe, num_classes)
+    task = get_task('classification')(recipe, num_classes)  # (every task is registered by import vittt)
     if not curves:
         task.report = lambda history, output, title=None: None
     trainer = Trainer(task, train_set, val_set, folder, info, resume=resume, progress=progress)

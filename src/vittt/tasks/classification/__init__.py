@@ -1,7 +1,7 @@
 """Image classification: Mixup / CutMix, label smoothing, MESA, top-k evaluation, evaluation of official or
 converted weights, and the Fashion-MNIST demo."""
-from .run import evaluate_checkpoint, load_for_eval, train
+from .run import evaluate_checkpoint, train
 from .task import CLASSIFICATION_DEFAULTS, ClassificationTask, build_model, evaluate, topk_metrics
 
 __all__ = ['ClassificationTask', 'CLASSIFICATION_DEFAULTS', 'build_model', 'evaluate', 'topk_metrics', 'train',
-           'load_for_eval', 'evaluate_checkpoint']
+           'evaluate_checkpoint']

@@ -1,7 +1,7 @@
 """Image classification on the engine: Mixup / CutMix, the criterion, MESA, top-k evaluation."""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,13 @@ class ClassificationTask(Task):
             self.criterion = LabelSmoothingCrossEntropy(recipe['label_smoothing'])
         else:
             self.criterion = nn.CrossEntropyLoss()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Dict[str, Any], img_size: Optional[int] = None) -> 'ClassificationTask':
+        """For evaluation: the checkpoint's recipe with dropout and drop-path off (``img_size``: another size)."""
+        recipe = {**CLASSIFICATION_DEFAULTS, **ckpt['recipe'], 'drop_path': 0.0, 'drop': 0.0}
+        recipe['img_size'] = img_size or recipe['img_size']
+        return cls(recipe, ckpt['identity']['num_classes'])
 
     def build_model(self) -> nn.Module:
         if self.model_factory is not None:

@@ -161,16 +161,16 @@ def load_model(name: str, checkpoint=None, img_size: Optional[int] = None, num_c
                model_kwargs: Optional[dict] = None) -> Tuple[nn.Module, int, int]:
     """``(model in eval mode, in_chans, img_size)`` for a timm / vittt model name, randomly initialised (no download)
     or with ``checkpoint``'s weights (an engine training checkpoint, an official ``.pth`` or a converted
-    ``.safetensors``, see :func:`vittt.tasks.classification.run.load_for_eval`). ``img_size`` defaults to the
+    ``.safetensors``, see :func:`vittt.engine.load_model_weights`). ``img_size`` defaults to the
     checkpoint's training size, else 224; ``model_kwargs`` (e.g. design switches) go to ``timm.create_model`` of a
     model without checkpoint. Raises ``ValueError`` for an unknown name."""
     import timm
 
     check_model_names([name])
     if checkpoint is not None:
-        from ..classification.run import load_for_eval
+        from ...engine import load_model_weights
 
-        model, in_chans, size = load_for_eval(name, checkpoint, img_size=img_size)
+        model, in_chans, size = load_model_weights(name, checkpoint, img_size=img_size)
         return model.eval(), int(in_chans), int(size)
     size = img_size or 224
     try:  # models with a nominal size (timm ViTs: position embeddings) are built for the size asked for

@@ -68,6 +68,6 @@ def cmd_export(args) -> int:
         record = dict(model=result.model, path=result.path, format=result.format, dynamic=list(result.dynamic),
                       size_range=list(result.size_range), tolerance=result.tolerance, checks=result.checks,
                       export_s=result.export_s, convert_s=result.convert_s, check_s=result.check_s,
-                      file_bytes=result.file_bytes)
+                      file_bytes=result.file_bytes, side_files=result.side_files)
         atomic_write(args.json, lambda tmp: open(tmp, 'w').write(json.dumps(record, indent=2)))
     return 0

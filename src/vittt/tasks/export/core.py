@@ -5,8 +5,9 @@ against eager PyTorch before anything is written.
 The graph is captured once by ``torch.export`` (the ONNX file is converted from that program by ``torch.onnx``'s
 dynamo exporter). The written file is then loaded back (``onnxruntime`` / ``torch.export.load``) and run at several
 shapes inside the dynamic range: batch sizes 1 and 3, non-square sides and sides that are not multiples of the
-model's stride. The file is written under a temporary name and renamed into place only when every shape agrees with
-eager PyTorch within the tolerance; otherwise it is removed and :class:`ExportMismatch` names the worst shape.
+model's stride. The file is written into a temporary folder beside the output and moved into place only when every
+shape agrees with eager PyTorch within the tolerance (an ONNX model over 2 GB, e.g. DiT-XL, keeps its weights in
+``<name>.data`` beside it); otherwise it is removed and :class:`ExportMismatch` names the worst shape.
 
 Smallest sizes: ``torch.export`` treats a dynamic size that could be 1 as a different program (its 0/1
 specialisation: a 1-wide grid changes layouts and broadcasting), so the smallest input side of a dynamic export is
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -49,7 +52,8 @@ class ExportResult:
     export_s: float = 0.0
     convert_s: float = 0.0
     check_s: float = 0.0
-    file_bytes: int = 0
+    file_bytes: int = 0  # the model file and its side files
+    side_files: List[str] = field(default_factory=list)  # e.g. an ONNX model's external weights
 
     @property
     def max_diff(self) -> float:
@@ -59,6 +63,8 @@ class ExportResult:
         lines = [f'{self.model} -> {self.path} ({self.format}, {self.file_bytes / 1e6:.1f} MB), dynamic '
                  f'{", ".join(self.dynamic) or "nothing"}' + (f', sides {self.size_range[0]}..{self.size_range[1]}'
                                                               if 'height' in self.dynamic else '')]
+        if self.side_files:
+            lines.append(f'  with {", ".join(self.side_files)} beside it (keep them together)')
         for c in self.checks:
             lines.append(f'  {"x".join(map(str, c["shape"])):>16}: max |exported − eager| = {c["max_abs_diff"]:.2e} '
                          f'(outputs up to {c["max_abs_ref"]:.2g})')
@@ -127,8 +133,8 @@ def load_export_model(name: str, checkpoint=None, features_only: bool = False,
     else:
         if kwargs:
             raise ValueError('model options cannot be combined with --checkpoint (the checkpoint defines the model)')
-        from ..classification.run import load_for_eval
-        model, in_chans, size = load_for_eval(name, checkpoint)
+        from ...engine import load_model_weights
+        model, in_chans, size = load_model_weights(name, checkpoint)
         if features_only:
             if not hasattr(model, 'forward_intermediates'):
                 raise ValueError(f'{name} has no forward_intermediates: no features_only backbone to export')
@@ -170,12 +176,16 @@ def _load_dit(name: str, checkpoint, kwargs: dict) -> nn.Module:
                 if not p.any():
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
         return model.eval()
+    from ...engine import is_weight_checkpoint, load_trained_model
+
     raw = load_checkpoint_file(checkpoint)
-    if isinstance(raw, dict) and raw.get('task') == 'generation':  # an engine checkpoint: its recipe builds the model
-        from ..generation.run import load_generator
+    if is_weight_checkpoint(raw):  # a checkpoint of vittt generate train: its recipe builds the model (no VAE needed)
         if kwargs:
             raise ValueError('model options cannot be combined with a training checkpoint (it defines the model)')
-        return load_generator(checkpoint)[1].eval()
+        if raw.get('task') != 'generation':
+            raise ValueError(f'{checkpoint} is a checkpoint of a {raw.get("task") or "classification"} run, not of '
+                             f'vittt generate train')
+        return load_trained_model(raw, source=str(checkpoint))[1]
     return create_dit(name, checkpoint=checkpoint, **kwargs).eval()
 
 
@@ -302,7 +312,8 @@ def export_model(name: str, output, *, checkpoint=None, features_only: bool = Fa
         if target.multiple > 1 and (lo % target.multiple or hi % target.multiple):
             raise ValueError(f'{name} takes sides that are multiples of its patch size {target.multiple}: '
                              f'--min-size / --max-size must be too, got {lo} / {hi}')
-    eh, ew = example_size or (max(lo, target.default_size),) * 2
+    # (a fixed resolution traces the model's own size, however small)
+    eh, ew = example_size or ((max(lo, target.default_size) if 'height' in dynamic else target.default_size),) * 2
     if 'height' in dynamic:
         eh, ew = min(max(eh, lo), hi), min(max(ew, lo), hi)
     if target.multiple > 1 and (eh % target.multiple or ew % target.multiple):
@@ -322,7 +333,11 @@ def export_model(name: str, output, *, checkpoint=None, features_only: bool = Fa
     result.export_s = time.perf_counter() - start
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(output)}.{os.getpid()}.tmp{os.path.splitext(output)[1]}')
+    # everything is written into a private folder beside the output under the final file name (an ONNX model over
+    # 2 GB keeps its weights in a side file, '<name>.data', which the model refers to by name) and moved into place
+    # only after the checks; the model file moves last
+    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.', suffix='.tmp', dir=folder)
+    tmp = os.path.join(staging, os.path.basename(output))
     try:
         start = time.perf_counter()
         if fmt == 'onnx':
@@ -331,7 +346,8 @@ def export_model(name: str, output, *, checkpoint=None, features_only: bool = Fa
             # optimize=False: onnxscript's graph rewriter takes minutes on these graphs (onnxruntime optimises the
             # graph itself when a session loads it)
             onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, optimize=False, **kwargs)
-            onnx_program.save(tmp, external_data=False)
+            onnx_program.save(tmp)  # weights in '<name>.data' when they exceed protobuf's 2 GB
+            del onnx_program
             import onnx
             onnx.checker.check_model(tmp, full_check=True)
         else:
@@ -357,10 +373,14 @@ def export_model(name: str, output, *, checkpoint=None, features_only: bool = Fa
                     f'the exported graph disagrees with eager PyTorch at input {b}x{target.in_chans}x{h}x{w}: max '
                     f'|difference| {diff:.3g} > tolerance {tolerance:g} × max(1, {scale:.3g}); nothing was written '
                     f'to {output}')
+        del run
         result.check_s = time.perf_counter() - start
+        sides = sorted(f for f in os.listdir(staging) if f != os.path.basename(output))
+        for f in sides:
+            os.replace(os.path.join(staging, f), os.path.join(folder, f))
         os.replace(tmp, output)
+        result.file_bytes = os.path.getsize(output) + sum(os.path.getsize(os.path.join(folder, f)) for f in sides)
+        result.side_files = [os.path.join(folder, f) for f in sides]
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    result.file_bytes = os.path.getsize(output)
+        shutil.rmtree(staging, ignore_errors=True)
     return result

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-from ...engine import DistInfo, Trainer, load_training_checkpoint
+from ...engine import DistInfo, Trainer, load_trained_model, load_training_checkpoint
 from .data import build_generation_datasets
 from .task import GenerationTask
 
@@ -42,14 +42,9 @@ def _generator_from(ckpt, checkpoint, use_ema: bool, vae: Optional[str], device)
     recipe = dict(ckpt['recipe'])
     if vae is not None:
         recipe['vae'] = vae
-    identity = ckpt['identity']
-    vae_model = _vae(recipe, device)
-    channels = identity['in_chans'] if vae_model is None else vae_model.config.in_channels
-    task = GenerationTask(recipe, channels, identity['num_classes'], vae_model)
-    model = task.build_model()
-    state = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
-    model.load_state_dict(state)
-    return task, model.to(device).eval()
+    task, model = load_trained_model(dict(ckpt, recipe=recipe), use_ema, source=str(checkpoint),
+                                     vae=_vae(recipe, device))
+    return task, model.to(device)
 
 
 def sample_checkpoint(checkpoint, labels: Sequence[int], output, cfg_scale: float = 4.0, sampler: str = 'ddpm250',

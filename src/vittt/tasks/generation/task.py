@@ -59,6 +59,14 @@ class GenerationTask(Task):
             self.latent_scale = latent_scale(vae, recipe['latent_scale'])
         self.model_channels = vae.config.latent_channels if vae is not None else data_channels
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: Dict[str, Any], vae=None) -> 'GenerationTask':
+        """To rebuild the generator: ``vae`` (the recipe's, loaded) for sampling images; without it the model is
+        built all the same (its channels are the checkpoint's) and samples stay in the model's space."""
+        identity = ckpt['identity']
+        channels = identity['in_chans'] if vae is None else vae.config.in_channels
+        return cls(dict(ckpt['recipe']), channels, identity['num_classes'], vae)
+
     # ------------------------------------------------------------------ the contract
     def build_model(self) -> nn.Module:
         from ...models.dit3 import create_dit
