@@ -302,7 +302,7 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(
         models=args.models, sizes=args.sizes, modes=args.mode, dtypes=args.dtype, batch_size=args.batch_size,
         threads=args.threads, repeats=args.repeats, warmup=args.warmup, attn=args.attn, lean=args.lean,
-        compile=args.compile, ort='ort' in args.backend,
+        compile=args.compile, ort='ort' in args.backend, official=args.official,
         baseline=args.baseline, device=args.device, memory=not args.no_memory, timing=not args.no_time,
         train_sizes=args.train_sizes, train_batch_size=args.train_batch_size)
     result = run_bench(settings, command=args.command_line)
@@ -420,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='ort: add a <spec>+ort variant of every model, exported to ONNX (vittt export, one file '
                         'per resolution, dynamic batch) and timed in onnxruntime with the same threads (fp32 '
                         'inference on the CPU; export time not timed, memory not measured)')
+    p.add_argument('--official', metavar='PATH',
+                   help='a checkout of LeapLabTHU/ViTTT (or its ttt_block.py): add a <spec>+official variant of every '
+                        'ViT³ / H-ViT³ model, the official TTT block in place of vittt\'s mixer with the same '
+                        'weights (checked to agree), to time it in the same run')
     p.add_argument('--baseline', metavar='LABEL',
                    help='variant to compare against (default: the first deit* variant, else the first attention '
                         'DiT (dit_*), else the first)')

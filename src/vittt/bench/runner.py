@@ -17,8 +17,10 @@ import torch
 
 from .flops import count_macs, count_params
 from .report import compute_crossovers, compute_ratios
-from .spec import ATTN_MODES, Variant, check_model_name, expand_variants, parse_model_spec, probe_model, tokens
-from .workload import DTYPES, MODES, Workload, build_model, create_model, make_step, model_input, synchronize
+from .spec import (ATTN_MODES, Variant, check_model_name, count_ttt_mixers, expand_variants, parse_model_spec,
+                   probe_model, tokens)
+from .workload import (DTYPES, MODES, Workload, build_model, create_model, is_dit_name, make_step, model_input,
+                       synchronize)
 
 __all__ = ['BenchSettings', 'run_bench', 'build_variants', 'resolve_baseline', 'matmul_throughput',
            'machine_info', 'load_average', 'time_variants', 'timing_entry', 'SCHEMA']
@@ -47,6 +49,7 @@ class BenchSettings:
     lean: bool = False
     compile: bool = False
     ort: bool = False                                     # --backend ort: add onnxruntime variants
+    official: Optional[str] = None                        # --official PATH: add +official variants (ViT³ mixers)
     baseline: Optional[str] = None
     device: str = 'cpu'
     memory: bool = True
@@ -77,6 +80,9 @@ class BenchSettings:
                 raise ValueError(f'--{name} must be at least {least}, got {value}')
         if not self.memory and not self.timing:
             raise ValueError('--no-memory together with --no-time leaves nothing to measure')
+        if self.official is not None:
+            from .official import load_official_ttt
+            load_official_ttt(self.official)  # raises naming what is wrong with the path
         device = torch.device(self.device)  # raises on a malformed device string
         if device.type not in ('cpu', 'cuda'):
             raise ValueError(f'--device must be cpu or cuda, got {self.device!r}')
@@ -98,7 +104,8 @@ def build_variants(settings: BenchSettings, log: Log = _stderr) -> Tuple[List[Va
             model_input(model, size)  # a DiT refuses image sizes without a whole latent
         attention, lean_blocks = probe_model(model)
         for variant in expand_variants(spec, attention, lean_blocks, settings.attn, settings.lean, settings.compile,
-                                       settings.ort):
+                                       settings.ort, 0 if is_dit_name(spec.name) else count_ttt_mixers(model),
+                                       settings.official):
             variants.append(variant)
             params[variant.label] = count_params(model)
         del model
@@ -109,6 +116,9 @@ def build_variants(settings: BenchSettings, log: Log = _stderr) -> Tuple[List[Va
     if settings.lean and not any(v.lean for v in variants):
         log('vittt bench: warning: --lean given but none of the models has a memory-lean mode; '
             'no +lean variants')
+    if settings.official and not any(v.official for v in variants):
+        log('vittt bench: warning: --official given but none of the models has ViT³ TTT mixers; '
+            'no +official variants')
     return variants, params
 
 
@@ -343,6 +353,11 @@ def _notes(settings: BenchSettings) -> List[str]:
                      'resolution, dynamic batch, checked against eager PyTorch) and run by onnxruntime '
                      f'{_ort_version()} (CPU, default graph optimisations, intra-op threads = torch\'s); the export '
                      'is not timed and its memory is not measured')
+    if settings.official:
+        from .official import describe
+        notes.append(f'+official: the official ViT³ TTT block ({describe(settings.official)}, LeapLabTHU/ViTTT) in '
+                     'place of every vittt TTT mixer, with the same weights (checked to give the same output); the '
+                     'rest of the model (patch embedding, CPE, norms, MLP) is vittt\'s')
     if settings.compile:
         notes.append('+compile: torch.compile (Inductor, static shapes: each size compiled for itself), compiled in '
                      'the warm-up (not timed); '

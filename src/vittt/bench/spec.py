@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from torch import nn
@@ -30,7 +30,9 @@ class Variant:
     ``attn`` is 'fused' or 'math' for models with timm attention modules and None for models without any;
     ``lean`` switches on the TTT blocks' memory-lean inference mode; ``compiled`` wraps the model in
     ``torch.compile`` (static shapes, default options; the warm-up calls compile it); ``ort`` runs the model exported
-    to ONNX (dynamic batch and resolution, ``vittt export``'s path) in onnxruntime (inference only).
+    to ONNX (dynamic batch and resolution, ``vittt export``'s path) in onnxruntime (inference only); ``official``
+    (a path to LeapLabTHU/ViTTT or its ``ttt_block.py``) puts the official TTT block in place of every ViT³ mixer
+    (:mod:`vittt.bench.official`).
     """
     label: str
     spec: ModelSpec
@@ -38,6 +40,7 @@ class Variant:
     lean: bool = False
     compiled: bool = False
     ort: bool = False
+    official: Optional[str] = None
 
 
 def _split_top_level(text: str, sep: str = ',') -> List[str]:
@@ -114,6 +117,12 @@ def check_model_name(name: str) -> None:
     raise ValueError(f'unknown model {name!r}{hint}')
 
 
+def count_ttt_mixers(model: nn.Module) -> int:
+    """ViT³-style TTT token mixers (what ``+official`` replaces in ViT³ / H-ViT³)."""
+    from ..layers import TTTMixer
+    return sum(isinstance(m, TTTMixer) for m in model.modules())
+
+
 def probe_model(model: nn.Module) -> Tuple[int, int]:
     """(number of timm attention modules with a ``fused_attn`` switch, number of blocks with a memory-lean mode).
 
@@ -127,11 +136,13 @@ def probe_model(model: nn.Module) -> Tuple[int, int]:
 
 
 def expand_variants(spec: ModelSpec, attention_modules: int, lean_blocks: int, attn_modes: Sequence[str],
-                    lean: bool, compiled: bool = False, ort: bool = False) -> List[Variant]:
+                    lean: bool, compiled: bool = False, ort: bool = False, ttt_mixers: int = 0,
+                    official: Optional[str] = None) -> List[Variant]:
     """The variants of one model: one per requested attention kernel when the model has timm attention (the fused
     one labelled by the spec, the explicit one ``<spec>+math``), else the plain model; plus ``<spec>+lean`` when
     asked for and the model has a memory-lean mode, ``<spec>+compile`` (fused attention) and ``<spec>+ort``
-    (onnxruntime) when asked for."""
+    (onnxruntime) when asked for, and ``<spec>+official`` (the official TTT block) for a model with ViT³ mixers when
+    ``official`` gives its path."""
     unknown = set(attn_modes) - set(ATTN_MODES)
     if unknown:
         raise ValueError(f'unknown attention mode(s) {sorted(unknown)}; choose from {list(ATTN_MODES)}')
@@ -147,6 +158,8 @@ def expand_variants(spec: ModelSpec, attention_modules: int, lean_blocks: int, a
                                 compiled=True))
     if ort:
         variants.append(Variant(f'{spec.text}+ort', spec, attn='fused' if attention_modules else None, ort=True))
+    if official and ttt_mixers:
+        variants.append(Variant(f'{spec.text}+official', spec, official=str(official)))
     return variants
 
 

@@ -59,7 +59,8 @@ class Workload:
     def to_config(self, threads: int) -> Dict[str, Any]:
         """The JSON-able description the memory worker rebuilds the workload from."""
         return dict(label=self.variant.label, spec=self.variant.spec.text, attn=self.variant.attn,
-                    lean=self.variant.lean, compiled=self.variant.compiled, size=list(self.size), mode=self.mode,
+                    lean=self.variant.lean, compiled=self.variant.compiled, official=self.variant.official,
+                    size=list(self.size), mode=self.mode,
                     dtype=self.dtype,
                     batch_size=self.batch_size, device=self.device, threads=threads)
 
@@ -67,7 +68,7 @@ class Workload:
     def from_config(cls, config: Dict[str, Any]) -> 'Workload':
         spec = parse_model_spec(config['spec'])
         variant = Variant(config.get('label', spec.text), spec, attn=config.get('attn'), lean=config.get('lean', False),
-                          compiled=config.get('compiled', False))
+                          compiled=config.get('compiled', False), official=config.get('official'))
         return cls(variant, tuple(config['size']), config['mode'], config['dtype'], config.get('batch_size', 1),
                    config.get('device', 'cpu'))
 
@@ -108,6 +109,11 @@ def build_model(workload: Workload) -> nn.Module:
     if workload.variant.ort:
         return ort_model(workload)
     model = create_model(workload.variant.spec, workload.size)
+    if workload.variant.official:
+        from .official import with_official_ttt
+        shape, _ = model_input(model, workload.size)
+        model = with_official_ttt(model.eval(), workload.variant.official,
+                                  check=torch.randn(1, *shape, generator=torch.Generator().manual_seed(SEED)))
     if workload.variant.attn is not None:
         for module in model.modules():
             if isinstance(getattr(module, 'fused_attn', None), bool):
