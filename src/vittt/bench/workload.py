@@ -150,7 +150,10 @@ def ort_model(workload: Workload) -> OrtModel:
     """The variant's model exported to ONNX once per process, spec and resolution (as a fixed-resolution deployment
     would, and as ``+compile`` compiles each size; a dynamic batch) through ``vittt export``'s path (checked against
     eager PyTorch), run by an onnxruntime session with torch's thread count."""
+    import atexit
+    import shutil
     import tempfile
+
     from ..tasks.export import export_model
 
     if workload.mode != 'infer' or workload.dtype != 'fp32' or torch.device(workload.device).type != 'cpu':
@@ -160,7 +163,9 @@ def ort_model(workload: Workload) -> OrtModel:
     key = f'{spec.text}@{workload.size[0]}x{workload.size[1]}'
     if key not in _ORT_FILES:
         shape, _ = model_input(model, workload.size)
-        path = os.path.join(tempfile.mkdtemp(prefix='vittt-bench-ort-'), 'model.onnx')
+        folder = tempfile.mkdtemp(prefix='vittt-bench-ort-')
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the exported files live as long as the process
+        path = os.path.join(folder, 'model.onnx')
         export_model(spec.name, path, module=model, dynamic=('batch',), example_size=shape[1:], log=lambda *_: None)
         _ORT_FILES[key] = path
     return OrtModel(_ORT_FILES[key], torch.get_num_threads(), model)
