@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'its warm-up calls (at least one), CPU memory not measured (compilation would be in it)')
     p.add_argument('--backend', nargs='+', choices=['eager', 'ort'], default=['eager'],
                    help='ort: add a <spec>+ort variant of every model, exported to ONNX (vittt export, one file '
-                        'per resolution, dynamic batch) and timed in onnxruntime with the same threads (fp32 '
+                        'per vittt model with a dynamic batch and resolution; per resolution for fixed-size models) '
+                        'and timed in onnxruntime with the same threads (fp32 '
                         'inference on the CPU; export time not timed, memory not measured)')
     p.add_argument('--official', metavar='PATH',
                    help='a checkout of LeapLabTHU/ViTTT (or its ttt_block.py): add a <spec>+official variant of every '

@@ -349,8 +349,9 @@ def _notes(settings: BenchSettings) -> List[str]:
                      'total = the process\'s peak RSS (interpreter and libraries included). Train steps include the '
                      'parameter gradients.')
     if settings.ort:
-        notes.append('+ort: the model exported to ONNX by vittt export (torch.export -> torch.onnx, one file per '
-                     'resolution, dynamic batch, checked against eager PyTorch) and run by onnxruntime '
+        notes.append('+ort: the model exported to ONNX by vittt export (torch.export -> torch.onnx, checked against '
+                     'eager PyTorch; a vittt model once, with a dynamic batch and resolution; a model built for one '
+                     'resolution, e.g. DeiT, once per resolution with a dynamic batch) and run by onnxruntime '
                      f'{_ort_version()} (CPU, default graph optimisations, intra-op threads = torch\'s); the export '
                      'is not timed and its memory is not measured')
     if settings.official:

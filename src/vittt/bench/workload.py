@@ -147,9 +147,10 @@ class OrtModel(nn.Module):
 
 
 def ort_model(workload: Workload) -> OrtModel:
-    """The variant's model exported to ONNX once per process, spec and resolution (as a fixed-resolution deployment
-    would, and as ``+compile`` compiles each size; a dynamic batch) through ``vittt export``'s path (checked against
-    eager PyTorch), run by an onnxruntime session with torch's thread count."""
+    """The variant's model exported to ONNX through ``vittt export``'s path (checked against eager PyTorch) and run
+    by an onnxruntime session with torch's thread count. A vittt model (any resolution) is exported once per
+    process with a dynamic batch and resolution, what ``vittt export`` writes by default, so one file serves every
+    size of the run; a model built for one resolution (timm's ViTs: DeiT) once per resolution, dynamic batch."""
     import atexit
     import shutil
     import tempfile
@@ -160,13 +161,15 @@ def ort_model(workload: Workload) -> OrtModel:
         raise ValueError('the onnxruntime backend times fp32 inference on the CPU only')
     spec = workload.variant.spec
     model = create_model(spec, workload.size).eval()
-    key = f'{spec.text}@{workload.size[0]}x{workload.size[1]}'
+    any_size = type(model).__module__.startswith('vittt.')
+    key = spec.text if any_size else f'{spec.text}@{workload.size[0]}x{workload.size[1]}'
     if key not in _ORT_FILES:
         shape, _ = model_input(model, workload.size)
         folder = tempfile.mkdtemp(prefix='vittt-bench-ort-')
         atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the exported files live as long as the process
         path = os.path.join(folder, 'model.onnx')
-        export_model(spec.name, path, module=model, dynamic=('batch',), example_size=shape[1:], log=lambda *_: None)
+        export_model(spec.name, path, module=model, example_size=shape[1:], log=lambda *_: None,
+                     dynamic=('batch', 'height', 'width') if any_size else ('batch',))
         _ORT_FILES[key] = path
     return OrtModel(_ORT_FILES[key], torch.get_num_threads(), model)
 
