@@ -3,7 +3,7 @@ call, as a markdown table. The profiles behind the misses in docs/benchmarks.md.
 
     python benchmarks/op_profile.py vit3_tiny deit_tiny_patch16_224 --size 224 --batch-size 1
     python benchmarks/op_profile.py vit3_tiny --size 224 --batch-size 32 --mode train --steps 2
-    python benchmarks/op_profile.py vit3_tiny --official ../ViTTT     # the official TTT block in place (bench --official)
+    python benchmarks/op_profile.py vit3_tiny --official ../ViTTT   # and with the official TTT block in place
 
 Models are built as ``vittt bench`` builds them (``name:key=value,...`` specs, a fixed seed).
 """
@@ -41,8 +41,9 @@ def profile_model(text: str, size: int, batch_size: int, mode: str, steps: int, 
     total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
     calls = sum(e.count for e in events) / steps
     rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
-    print(f'\n### {workload.variant.label}, {mode} {size}², batch {batch_size}: median {statistics.median(times):.1f} ms '
-          f'unprofiled; {total:.1f} ms self CPU under the profiler, {calls:.0f} op calls per step\n')
+    print(f'\n### {workload.variant.label}, {mode} {size}², batch {batch_size}: median '
+          f'{statistics.median(times):.1f} ms unprofiled; {total:.1f} ms self CPU under the profiler, '
+          f'{calls:.0f} op calls per step\n')
     print('| op | ms per step | calls per step | µs per call | share |')
     print('| --- | ---: | ---: | ---: | ---: |')
     for e in rows:
