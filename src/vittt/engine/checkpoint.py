@@ -41,12 +41,12 @@ def is_weight_checkpoint(ckpt) -> bool:
 
 
 def load_trained_model(checkpoint, use_ema: bool = True, model_name: Optional[str] = None, *,
-                       source: Optional[str] = None, **options):
+                       task: Optional[str] = None, source: Optional[str] = None, **options):
     """``(task, model in eval mode)`` from a checkpoint written by a vittt trainer (a path, or the loaded dict), for
     any task: the task is rebuilt from the checkpoint's recipe and identity by its ``Task.from_checkpoint(ckpt,
     **options)`` (no data needed), its model gets the EMA weights unless ``use_ema`` is False (or the run kept no
-    EMA), keys and shapes checked strictly. ``model_name``: refuse a checkpoint of another model; ``source``: the
-    file named in errors when ``checkpoint`` is already loaded."""
+    EMA), keys and shapes checked strictly. ``model_name`` / ``task``: refuse a checkpoint of another model / task;
+    ``source``: the file named in errors when ``checkpoint`` is already loaded."""
     from .task import get_task
 
     where = source or ('the checkpoint' if isinstance(checkpoint, dict) else str(checkpoint))
@@ -54,15 +54,19 @@ def load_trained_model(checkpoint, use_ema: bool = True, model_name: Optional[st
     if not is_weight_checkpoint(ckpt):
         raise CheckpointError(f'{where}: not a vittt training checkpoint (no format in {WEIGHT_FORMATS})')
     # the classification trainer before the engine ('vittt-train-1') stored no task and the identity at the top
+    kind = ckpt.get('task') or 'classification'
+    if task is not None and kind != task:
+        wanted = get_task(task)
+        raise ValueError(f'{where} is a checkpoint of a {kind} run, not of {wanted.produces or f"a {task} run"}')
     identity = ckpt.get('identity') or dict(model_name=ckpt.get('model_name'), num_classes=ckpt.get('num_classes'))
     if model_name is not None and identity.get('model_name') != model_name:
         raise ValueError(f'{where} holds a {identity.get("model_name")}, not a {model_name}')
-    task = get_task(ckpt.get('task') or 'classification').from_checkpoint(dict(ckpt, identity=identity), **options)
-    model = task.build_model()
+    rebuilt = get_task(kind).from_checkpoint(dict(ckpt, identity=identity), **options)
+    model = rebuilt.build_model()
     state = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
     check_state_dict(state, model)
     model.load_state_dict(state)
-    return task, model.eval()
+    return rebuilt, model.eval()
 
 
 def load_model_weights(model_name: str, checkpoint, use_ema: bool = True,
@@ -76,10 +80,8 @@ def load_model_weights(model_name: str, checkpoint, use_ema: bool = True,
 
     raw = load_checkpoint_file(checkpoint)
     if is_weight_checkpoint(raw):
-        kind = raw.get('task') or 'classification'
-        if kind != 'classification':
-            raise ValueError(f'{checkpoint} is a checkpoint of a {kind} run, not of an image classifier')
-        task, model = load_trained_model(raw, use_ema, model_name, source=str(checkpoint), img_size=img_size)
+        task, model = load_trained_model(raw, use_ema, model_name, task='classification', source=str(checkpoint),
+                                         img_size=img_size)
         return model, int(task.recipe['in_chans']), int(task.recipe['img_size'])
     state = convert_official_state_dict(raw, use_ema=use_ema)
     num_classes = state['head.weight'].shape[0] if 'head.weight' in state else 1000

@@ -42,13 +42,15 @@ class Task:
       ``defaults``      the recipe keys the task adds to the engine's, with their defaults (official values);
       ``best_metric``   the evaluation metric that picks ``best.pth`` (None: no best checkpoint);
       ``best_mode``     ``'max'`` or ``'min'``;
-      ``resume_keys``   recipe keys (beyond the engine's batch size, run length and seed) a resumed run must share.
+      ``resume_keys``   recipe keys (beyond the engine's batch size, run length and seed) a resumed run must share;
+      ``produces``      what its checkpoints hold, in errors that refuse another task's (default: "a <name> run").
     """
     name: str = ''
     defaults: Dict[str, Any] = {}
     best_metric: Optional[str] = None
     best_mode: str = 'max'
     resume_keys: Tuple[str, ...] = ()
+    produces: str = ''
 
     def __init__(self, recipe: Dict[str, Any]):
         self.recipe = recipe

@@ -53,6 +53,7 @@ class ClassificationTask(Task):
     ``best.pth`` by top-1. ``model_factory(num_classes)`` builds a model that is not a timm name (default:
     ``timm.create_model(recipe['model'], ...)`` with the recipe's regularisation)."""
     name = 'classification'
+    produces = 'an image classifier'
     defaults = CLASSIFICATION_DEFAULTS
     best_metric, best_mode = 'top1', 'max'
     resume_keys = ('img_size',)

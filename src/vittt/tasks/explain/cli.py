@@ -4,9 +4,9 @@ listed in :data:`SUBCOMMANDS`."""
 from __future__ import annotations
 
 import argparse
+from typing import Dict, List, Optional, Sequence
 
 from ...cli import parse_setting, positive_int
-from typing import Dict, List, Optional, Sequence
 
 __all__ = ['add_explain_parser', 'add_erf_parser', 'add_tokens_parser', 'add_inner_parser', 'cmd_erf', 'cmd_tokens',
            'cmd_inner',

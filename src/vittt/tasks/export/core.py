@@ -182,10 +182,7 @@ def _load_dit(name: str, checkpoint, kwargs: dict) -> nn.Module:
     if is_weight_checkpoint(raw):  # a checkpoint of vittt generate train: its recipe builds the model (no VAE needed)
         if kwargs:
             raise ValueError('model options cannot be combined with a training checkpoint (it defines the model)')
-        if raw.get('task') != 'generation':
-            raise ValueError(f'{checkpoint} is a checkpoint of a {raw.get("task") or "classification"} run, not of '
-                             f'vittt generate train')
-        return load_trained_model(raw, source=str(checkpoint))[1]
+        return load_trained_model(raw, task='generation', source=str(checkpoint))[1]
     return create_dit(name, checkpoint=checkpoint, **kwargs).eval()
 
 

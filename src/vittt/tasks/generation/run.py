@@ -5,17 +5,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ...engine import DistInfo, Trainer, load_trained_model, load_training_checkpoint
 from .data import build_generation_datasets
-from .task import GenerationTask
+from .task import GenerationTask, recipe_vae
 
 __all__ = ['train', 'load_generator', 'sample_checkpoint', 'load_reference', 'real_training_images', 'score_generator',
            'evaluate_checkpoint', 'is_fmnist_like']
-
-
-def _vae(recipe, device):
-    if not recipe.get('vae'):
-        return None
-    from ...diffusion.vae import load_vae
-    return load_vae(recipe['vae'], device)
 
 
 def train(recipe: Dict[str, Any], data, output, info: DistInfo, resume: Optional[str] = None,
@@ -24,7 +17,7 @@ def train(recipe: Dict[str, Any], data, output, info: DistInfo, resume: Optional
     from .latents import LatentCache, check_cache_vae
 
     train_set, val_set, channels, num_classes = build_generation_datasets(data, recipe)
-    vae, cached = _vae(recipe, info.device), isinstance(train_set, LatentCache)
+    vae, cached = recipe_vae(recipe, info.device), isinstance(train_set, LatentCache)
     if cached:
         check_cache_vae(train_set, vae)
     task = GenerationTask(recipe, channels, num_classes, vae, moments=cached)
@@ -37,13 +30,11 @@ def load_generator(checkpoint, use_ema: bool = True, vae: Optional[str] = None, 
 
 
 def _generator_from(ckpt, checkpoint, use_ema: bool, vae: Optional[str], device):
-    if ckpt.get('task') != 'generation':
-        raise ValueError(f'{checkpoint} is a checkpoint of a {ckpt.get("task")} run, not of vittt generate train')
     recipe = dict(ckpt['recipe'])
     if vae is not None:
         recipe['vae'] = vae
-    task, model = load_trained_model(dict(ckpt, recipe=recipe), use_ema, source=str(checkpoint),
-                                     vae=_vae(recipe, device))
+    task, model = load_trained_model(dict(ckpt, recipe=recipe), use_ema, task='generation', source=str(checkpoint),
+                                     vae_device=device)
     return task, model.to(device)
 
 

@@ -32,12 +32,21 @@ GENERATION_DEFAULTS: Dict[str, Any] = dict(
 _SALT_TRAIN, _SALT_EVAL = 0x7EA1, 0xE7A1
 
 
+def recipe_vae(recipe: Dict[str, Any], device):
+    """The recipe's VAE loaded on ``device`` (None when it trains in pixel space)."""
+    if not recipe.get('vae'):
+        return None
+    from ...diffusion.vae import load_vae
+    return load_vae(recipe['vae'], device)
+
+
 @register_task
 class GenerationTask(Task):
     """``recipe`` (a DiT name in ``model``, constructor overrides in ``model_kwargs``) + the data's channels and
     class count. Logs ``train_loss`` (= mse + vb), ``mse``, ``vb``; evaluates ``val_loss``, ``val_mse``, ``val_vb``;
     ``best.pth`` by the lowest ``val_loss``."""
     name = 'generation'
+    produces = 'vittt generate train'
     defaults = GENERATION_DEFAULTS
     best_metric, best_mode = 'val_loss', 'min'
     resume_keys = ('image_size', 'vae', 'num_timesteps')
@@ -60,12 +69,14 @@ class GenerationTask(Task):
         self.model_channels = vae.config.latent_channels if vae is not None else data_channels
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Dict[str, Any], vae=None) -> 'GenerationTask':
-        """To rebuild the generator: ``vae`` (the recipe's, loaded) for sampling images; without it the model is
-        built all the same (its channels are the checkpoint's) and samples stay in the model's space."""
-        identity = ckpt['identity']
+    def from_checkpoint(cls, ckpt: Dict[str, Any], vae_device=None) -> 'GenerationTask':
+        """To rebuild the generator: ``vae_device`` loads the recipe's VAE there (if it has one), for sampling
+        images; without it the model is built all the same (its channels are the checkpoint's) and samples stay in
+        the model's space."""
+        identity, recipe = ckpt['identity'], dict(ckpt['recipe'])
+        vae = None if vae_device is None else recipe_vae(recipe, vae_device)
         channels = identity['in_chans'] if vae is None else vae.config.in_channels
-        return cls(dict(ckpt['recipe']), channels, identity['num_classes'], vae)
+        return cls(recipe, channels, identity['num_classes'], vae)
 
     # ------------------------------------------------------------------ the contract
     def build_model(self) -> nn.Module:
