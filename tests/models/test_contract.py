@@ -844,8 +844,9 @@ def test_smallest_inputs(case, size, grid, shared, images):
 
 
 def test_batch_independence(tiny, assert_batch_independent):
-    # float32 rounding differs between batch sizes (features are O(1)-O(10) after 12-17 blocks)
-    assert_batch_independent(tiny.model, torch.float32, dict(rtol=1e-5, atol=1e-5))
+    # float32 rounding differs between batch sizes (features are O(1)-O(10) after 12-17 blocks; oneDNN picks its
+    # channels-last convolution kernels by batch size, so H-ViT³'s stem rounds differently: seen 1.1e-5)
+    assert_batch_independent(tiny.model, torch.float32, dict(rtol=1e-5, atol=3e-5))
 
 
 # --------------------------------------------------------------------------- input errors

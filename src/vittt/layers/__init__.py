@@ -1,6 +1,6 @@
 """nn.Modules of TTT backbones: inner models, the TTT mixer, positional encodings, MLPs, stems, blocks."""
 from .adaln import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, modulate, sincos_2d
-from .block import TTTBlock, cpe_residual
+from .block import TTTBlock, cpe_residual, residual
 from .conv import ConvDownsample, ConvNormAct, ConvStem, PatchEmbed
 from .grid import GridSize, map_to_tokens, tokens_to_map
 from .lean import DEFAULT_CHUNK_TOKENS, set_memory_lean

@@ -18,12 +18,22 @@ from .lean import DEFAULT_CHUNK_TOKENS, bands
 from .mlp import TokenMlp
 from .ttt import TTTMixer
 
-__all__ = ['TTTBlock', 'cpe_residual']
+__all__ = ['TTTBlock', 'cpe_residual', 'residual']
 
 
 def cpe_residual(cpe: nn.Conv2d, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-    """``x + DWConv3x3(x)`` on the token grid, summed in the convolution's fresh output (``x`` is left intact)."""
-    return map_to_tokens(cpe(tokens_to_map(x, grid_size))).add_(x)
+    """``x + DWConv3x3(x)`` on the token grid (``x`` is left intact); see :func:`residual`."""
+    return residual(map_to_tokens(cpe(tokens_to_map(x, grid_size))), x)
+
+
+def residual(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``branch + x``. Without autograd the sum is formed in place in the branch's fresh output (one large
+    allocation less). With autograd a new tensor: the branch outputs are views (of a Linear's 2-D output, of a
+    channels-last map), and an in-place add on a view costs a ``CopySlices`` / ``AsStrided`` replay in backward
+    (a zero-filled buffer, a clone and two copies of the gradient per branch), more than the allocation saved."""
+    if torch.is_grad_enabled():
+        return branch + x
+    return branch.add_(x)
 
 
 class TTTBlock(nn.Module):
@@ -53,9 +63,7 @@ class TTTBlock(nn.Module):
         self.memory_lean, self.chunk_tokens = False, DEFAULT_CHUNK_TOKENS  # see vittt.layers.set_memory_lean
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        # Each residual sum is formed in place in the branch's freshly made output (never in ``x``, which the
-        # caller may keep): one large allocation less per branch. The producers (convolution, Linear, DropPath)
-        # do not keep their outputs for backward, so this is autograd-safe.
+        # Each residual sum is never formed in ``x``, which the caller may keep (see ``residual``).
         x = cpe_residual(self.cpe, x, grid_size)
         if not torch.is_grad_enabled() and not symbolic_shapes():  # (bands: Python loops over the grid's rows)
             if self.memory_lean and self.attn.supports_lean():
@@ -63,8 +71,8 @@ class TTTBlock(nn.Module):
             else:
                 x = self.attn(self.norm1(x), grid_size).add_(x)
             return self._mlp_in_bands(x, grid_size)
-        x = self.drop_path1(self.attn(self.norm1(x), grid_size)).add_(x)
-        return self.drop_path2(self.mlp(self.norm2(x), grid_size)).add_(x)
+        x = residual(self.drop_path1(self.attn(self.norm1(x), grid_size)), x)
+        return residual(self.drop_path2(self.mlp(self.norm2(x), grid_size)), x)
 
     def _mlp_in_bands(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
         """``x + MLP(norm2(x))`` without autograd, in bands of about ``chunk_tokens`` tokens: the MLP is per token

@@ -31,6 +31,8 @@ class TokenMlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not self.training and not symbolic_shapes():
+            return self._forward_inference(x, grid_size)
         h = self.fc1(x)
         dropout_before_fc2 = self.dwc is None and self.training and self.drop1.p > 0
         if self.dwc is not None:
@@ -43,3 +45,16 @@ class TokenMlp(nn.Module):
             a = self.act(h)
             out = self.fc2(a if self.dwc is not None else self.drop1(a))
         return self.drop2(out)
+
+    def _forward_inference(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        """Without autograd (eval): the same function with every element-wise step in place in a fresh buffer (the
+        activations, the convolution's residual sum), so the hidden width is allocated twice, not four times."""
+        h = self._act_(self.fc1(x))
+        if self.dwc is not None:
+            h = self._act_(map_to_tokens(self.dwc(tokens_to_map(h, grid_size))).add_(h))
+        return self.fc2(h)
+
+    def _act_(self, h: torch.Tensor) -> torch.Tensor:
+        if type(self.act) is nn.GELU:
+            return torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+        return self.act(h)

@@ -59,7 +59,8 @@ class TTTMixer(nn.Module):
         dim: channels C.
         num_heads: heads of the default inner models (ignored when ``inner_models`` is given).
         qkv_bias: bias of the QKV projection (True in every released model).
-        rope: optional module ``rope(x [B, N, c], grid_size)`` applied to q and k of rope-accepting inner models.
+        rope: optional module ``rope(x [B, N, c] or [B, N, 2, c], grid_size)`` applied to q and k of rope-accepting
+            inner models (both in one call).
         inner_models: the inner models; default :func:`vit3_inner_models`.
         inner_loss, scale, inner_lr, grad_norm, conv_kernel_size: settings of the default inner models
             (dot-product loss, scale 1/3 or ``'head_dim'`` for d^-1/2, lr 1.0, soft gradient normalisation on).
@@ -83,8 +84,11 @@ class TTTMixer(nn.Module):
         self.dim = dim
         self.inner = nn.ModuleList(inner_models)
         self.rope = rope
-        self._splits = [w for m in self.inner for w in (m.width, m.width, m.width) + ((m.lr_width,) if m.lr_width
-                                                                                       else ())]
+        # the projection's columns per inner model: q, k, v (and the lr logits); q and k as one part where RoPE
+        # rotates them, in one call on a [B, N, 2, width] view
+        self._splits = [w for m in self.inner for w in
+                        ((2 * m.width,) if self._rotates(m) else (m.width, m.width)) + (m.width,)
+                        + ((m.lr_width,) if m.lr_width else ())]
         self.qkv = nn.Linear(dim, sum(self._splits), bias=qkv_bias)
         self.proj = nn.Linear(sum(m.out_width for m in self.inner), dim)
 
@@ -131,14 +135,21 @@ class TTTMixer(nn.Module):
             start += 3 * m.width + m.lr_width
         return rows
 
+    def _rotates(self, inner: InnerModel) -> bool:
+        return self.rope is not None and inner.accepts_rope
+
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
         parts = self.qkv(x).split(self._splits, dim=-1)   # (indexed, not iterated: torch.fx traces indexing)
         outs, i = [], 0
         for inner in self.inner:
-            q, k, v = parts[i], parts[i + 1], parts[i + 2]
-            lr_logits = parts[i + 3] if inner.lr_width else None
-            i += 4 if inner.lr_width else 3
-            if self.rope is not None and inner.accepts_rope:
-                q, k = self.rope(q, grid_size), self.rope(k, grid_size)
+            if self._rotates(inner):
+                qk = self.rope(parts[i].unflatten(-1, (2, inner.width)), grid_size)
+                q, k, v = qk[:, :, 0], qk[:, :, 1], parts[i + 1]
+                i += 2
+            else:
+                q, k, v = parts[i], parts[i + 1], parts[i + 2]
+                i += 3
+            lr_logits = parts[i] if inner.lr_width else None
+            i += 1 if inner.lr_width else 0
             outs.append(inner(q, k, v, grid_size, lr_logits) if lr_logits is not None else inner(q, k, v, grid_size))
         return self.proj(torch.cat(outs, dim=-1))

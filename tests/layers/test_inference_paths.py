@@ -1,0 +1,123 @@
+"""The speed paths of issue 15 compute the same function as the plain modules: RoPE's complex-number rotation
+against its real form, the stem's and merges' inference path (BatchNorm folded, ReLU in place) and the MLP's
+in-place inference path against the modules run with autograd, the channels-last stem against NCHW, and the
+block's out-of-place residuals (training) against the in-place ones (inference)."""
+import pytest
+import torch
+from torch import nn
+
+from vittt.layers import ConvDownsample, ConvStem, RoPE2d, TTTBlock
+from vittt.layers.conv import ConvNormAct
+from vittt.layers.mlp import TokenMlp
+
+
+def _randomise_bn(module: nn.Module) -> None:
+    """Non-trivial running statistics and affine parameters (a fresh BatchNorm folds to the identity)."""
+    torch.manual_seed(3)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize('shape', [(2, 12, 16), (2, 12, 2, 16)])
+def test_rope_complex_equals_real_form(shape):
+    torch.manual_seed(0)
+    rope = RoPE2d(16)
+    x = torch.randn(*shape, requires_grad=True)
+    out = rope(x, (3, 4))
+    ref = rope.rotate_real(x, (3, 4))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, g)
+    (grad_ref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_rope_pair_rotates_both_alike_and_handles_strides():
+    """q and k rotated as one [B, N, 2, c] view equal each rotated alone; odd offsets and strides of views are
+    handled (copied to even ones first); token_offset picks the table rows."""
+    torch.manual_seed(1)
+    rope = RoPE2d(8)
+    y = torch.randn(2, 6, 3 * 8 + 1)
+    qk = y[..., 1:17].unflatten(-1, (2, 8))          # odd storage offset, odd row stride
+    both = rope(qk, (2, 3))
+    torch.testing.assert_close(both[:, :, 0], rope(y[..., 1:9].contiguous(), (2, 3)))
+    torch.testing.assert_close(both[:, :, 1], rope(y[..., 9:17].contiguous(), (2, 3)))
+    part = rope(y[:, 2:5, :8], (2, 3), token_offset=2)
+    torch.testing.assert_close(part, rope(y[..., :8], (2, 3))[:, 2:5])
+
+
+def test_rope_real_form_under_compile_and_capture(monkeypatch):
+    """While a graph is captured the real form runs (ONNX has no complex type)."""
+    import vittt.layers.rope as rope_module
+    rope = RoPE2d(8)
+    x = torch.randn(1, 6, 8)
+    calls = []
+    monkeypatch.setattr(rope_module, 'symbolic_shapes', lambda: True)
+    monkeypatch.setattr(RoPE2d, 'rotate_real', lambda self, *a, **k: calls.append(1) or a[0])
+    rope(x, (2, 3))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize('norm,act,stride,groups', [(True, True, 2, 1), (True, False, 1, 1), (False, True, 2, 8)])
+def test_conv_norm_act_inference_path(norm, act, stride, groups):
+    torch.manual_seed(0)
+    m = ConvNormAct(8, 16, 3, stride, 1, groups=groups, bias=not norm, norm=norm, act=act)
+    _randomise_bn(m)
+    m.eval()
+    x = torch.randn(2, 8, 9, 11)
+    ref = m(x)                                       # autograd on: the modules
+    with torch.no_grad():
+        out = m(x)                                   # BatchNorm folded, ReLU in place
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    m.train()                                        # training BatchNorm (batch statistics) is never folded
+    with torch.no_grad():
+        out_train = m(x)
+        plain = m.conv(x)
+        plain = m.norm(plain) if norm else plain
+        plain = torch.relu(plain) if act else plain
+    torch.testing.assert_close(out_train, plain)
+
+
+def test_stem_channels_last_and_merge_equal_modules():
+    torch.manual_seed(0)
+    stem, merge = ConvStem(3, 16).eval(), ConvDownsample(16, 32).eval()
+    _randomise_bn(stem)
+    _randomise_bn(merge)
+    x = torch.randn(2, 3, 30, 22)
+    with torch.no_grad():
+        tokens, grid = stem(x)
+        merged, grid2 = merge(tokens, grid)
+    ref = stem.conv[4].norm(stem.conv[4].conv(nn.Sequential(*stem.conv[:4])(
+        nn.functional.pad(x, (0, 2, 0, 2)))))      # NCHW, plain modules (autograd on)
+    assert grid == (8, 6) and grid2 == (4, 3)
+    torch.testing.assert_close(tokens, ref.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    merged_ref, _ = merge(tokens.detach().clone().requires_grad_(), grid)
+    torch.testing.assert_close(merged, merged_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('dwconv', [False, True])
+def test_mlp_inference_path(dwconv):
+    torch.manual_seed(0)
+    mlp = TokenMlp(8, 24, dwconv=dwconv).eval()
+    x = torch.randn(2, 12, 8)
+    ref = mlp(x, (3, 4))
+    with torch.no_grad():
+        out = mlp(x, (3, 4))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_block_residuals_same_in_training_and_inference():
+    torch.manual_seed(0)
+    block = TTTBlock(32, 2, mlp_dwconv=True, rope=RoPE2d(32)).eval()
+    x = torch.randn(2, 20, 32, requires_grad=True)
+    out = block(x, (4, 5))
+    with torch.no_grad():
+        out_inference = block(x, (4, 5))
+    torch.testing.assert_close(out, out_inference, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
