@@ -69,7 +69,7 @@ class TTTBlock(nn.Module):
             if self.memory_lean and self.attn.supports_lean():
                 x += self.attn.forward_lean(x, grid_size, self.norm1, self.chunk_tokens)
             else:
-                x = self.attn(self.norm1(x), grid_size).add_(x)
+                x = residual(self.attn(self.norm1(x), grid_size), x)
             return self._mlp_in_bands(x, grid_size)
         x = residual(self.drop_path1(self.attn(self.norm1(x), grid_size)), x)
         return residual(self.drop_path2(self.mlp(self.norm2(x), grid_size)), x)

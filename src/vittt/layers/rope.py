@@ -74,7 +74,7 @@ class RoPE2d(nn.Module):
         over ``x``, 10-20× faster on CPU than the real form's four products, two sums and the interleaving copy);
         while a graph is captured or compiled (ONNX has no complex type) the real form
         ``(re cos - im sin, im cos + re sin)``. The two agree to float32 rounding (tested)."""
-        if symbolic_shapes() or torch.compiler.is_compiling():
+        if symbolic_shapes():                       # (also true while torch.compile traces)
             return self.rotate_real(x, grid_size, token_offset)
         rot = self.rotation(grid_size, x.device)
         if token_offset is not None:
