@@ -69,6 +69,11 @@ class _States:
         return [stacked[first:first + full]] + ([stacked[first + full]] if stacked.shape[0] > full + 1 else [])
 
 
+def _centred(t: torch.Tensor) -> torch.Tensor:
+    """Each row minus its mean (``S P`` with ``P = I − 11ᵀ / d``): a last layer whose outputs have rows of mean 0."""
+    return t - t.mean(-1, keepdim=True)
+
+
 def _grouped(history: list, full: int) -> list:
     """Per-step tensors -> ``[stacked over the whole mini-batches [K, ...], (the last shorter one's)]``."""
     return [torch.stack(history[:full])] + history[full:]
@@ -89,17 +94,18 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
     """:func:`ttt_scan` with far fewer, larger ops (the same function; see the module docstring).
 
     ``q, k, v [B, h, N, d]`` (any strides), ``lr [B, h, N]``; every state tensor either per head ``[h, ...]`` (as
-    for :func:`ttt_scan`) or per sample ``[B, h, ...]``. The loop runs over mini-batches and does the K side only:
-    ``z = [K | 1] S`` (the bias rides on the weight as a last row), the LN-fused L2 gradient (:func:`ln_l2_grad_parts`;
-    the LN weight products and the per-token ``√d · η_j / b_k`` are computed once, before the loop),
-    ``S −= [K | 1]ᵀ (η/b ⊙ G)``. Each step reads its K, V slabs as views and builds ``[K | 1]`` and ``K − V`` from
-    them (two small ops on cache-resident data; as separate passes over all tokens they cost as much as they save, and
-    two more full-size temporaries). The Q side runs after the loop for all mini-batches at once: ``[Q | 1]`` laid out
+    for :func:`ttt_scan`) or per sample ``[B, h, ...]``. Before the loop, the K side of all tokens is laid out once,
+    mini-batch-major: ``[K | 1]`` (the bias rides on the weight as a last row) and ``c = weight · (bias − (V − K))``
+    (with the LN weight products and the per-token ``√d · η_j / b_k``). The loop runs over mini-batches and does the K
+    side only: ``z = [K | 1] S̃``, the LN-fused L2 gradient (:func:`ln_l2_grad_parts`), ``S̃ −= [K | 1]ᵀ (η/b ⊙ G)``,
+    about a dozen small ops a step. ``S̃`` is the last layer kept with centred columns (rows of z have mean 0, so the
+    LN gradient skips its centring and the output LayerNorm is a norm and a multiply; LN removes the mean, so the
+    function is unchanged). The Q side runs for all mini-batches at once after the loop: ``[Q | 1]`` laid out
     mini-batch-major ``[K, B·h, b, d + 1]``, one batched matmul against the stacked states (causal: plus the batched
-    dual-form correction), one LayerNorm + residual; so all ``K + 1`` states are kept (autograd keeps them anyway;
-    without it this is the batched Q side's memory: ``(K + 1) · B·h · (d + 1) · d`` values for TTT-Linear).
-    Differentiable by autograd; without autograd the states are written straight into one preallocated stack and
-    the tail runs in place. Returns ``[B, h, N, d]``, a view of a token-major ``[B, N, h, d]`` tensor.
+    dual-form correction), one LayerNorm + residual; so all ``K + 1`` states are kept (autograd keeps them anyway).
+    Without autograd the TTT-MLP and causal states are written straight into one preallocated stack; non-causal
+    TTT-Linear keeps one state, updated in place, and each mini-batch's queries read it right after its step. The
+    tail then runs in place. Returns ``[B, h, N, d]``, a view of a token-major ``[B, N, h, d]`` tensor.
     """
     if kind not in ('linear', 'mlp'):
         raise ValueError(f"inner model must be 'linear' or 'mlp', got {kind!r}")
@@ -109,38 +115,50 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, *state.values()))
     root_d = math.sqrt(d)
     ln_w, ln_b = _per_sample(state['ln_weight'], bsz), _per_sample(state['ln_bias'], bsz)  # [BH, 1, d]
-    w_sq, w_b = ln_w * ln_w * root_d, ln_w * ln_b
-    ones = q.new_ones(()).expand(bsz, heads, mini_batch_size, 1)
+    w_sq = ln_w * ln_w * root_d
+    per_head = lambda t: t.view(bsz, heads, 1, d)                          # [BH, 1, d] -> [B, h, 1, d]
 
-    def k_side(k_i, v_i, eta_i):
-        """``[K | 1]`` ``[BH, b, d + 1]`` of one mini-batch and its gradient at the output z: ``grad(z) -> G``."""
-        xk = torch.cat([k_i, ones[:, :, :k_i.shape[2]]], dim=-1)
-        c = torch.addcmul(w_b, ln_w, _flat(xk[..., :d] - v_i))             # weight · (bias − target), target = V − K
-        xk = _flat(xk)
+    def k_prep(k_b, v_b):
+        """Blocks ``[(K,) B, h, b, d]`` of keys and values -> ``[K | 1]`` and ``c = weight · (bias − target)``
+        (target = V − K), both ``[(K,) B·h, b, ·]`` mini-batch-major: what the loop's steps read."""
+        xk = _with_ones(k_b)
+        return _flat(xk), _flat(torch.addcmul(per_head(ln_w * ln_b), per_head(ln_w), xk[..., :d] - v_b))
 
-        def grad(z):                                                        # (η_j / b) dℓ_j/dz_j
-            u, r = ln_l2_grad_parts(z, c, w_sq, eps)
-            return u * (r * eta_i)
-        return xk, grad
+    def grad(z, c_i, eta_i):
+        """``(η_j / b) dℓ_j/dz_j`` of one mini-batch from its output z (centred rows, see below)."""
+        u, r = ln_l2_grad_parts(z, c_i, w_sq, eps, centered=True)
+        return u * (r * eta_i)
 
+    # The last layer's weight and bias are kept with centred columns, S̃ = S − mean_cols(S): then z = [X | 1] S̃ has
+    # rows of mean 0 (the LN gradient skips its centring), the LN of every output is unchanged (LN removes the mean),
+    # and S̃ stays centred, since every gradient the loop subtracts has rows of sum 0 (LN's backward), G̃ = G.
     if torch.compiler.is_exporting():  # a symbolic N: padded mini-batches in one scan op
-        return _captured_scan(kind, q, k, v, lr, state, k_side, mini_batch_size, causal, eps, bsz, heads)
+        return _captured_scan(kind, q, k, v, lr, state, k_prep, grad, mini_batch_size, causal, eps, bsz, heads)
     size = min(mini_batch_size, n)
     full = n // size
     sizes = [size, n - full * size][:1 + (full * size < n)]                # whole mini-batches, the shorter last one
-    # each of these: [the whole mini-batches [K, B, h, b, ·], the shorter last one [B, h, r, ·]] (views)
-    k_blocks, v_blocks = _block_views(k, size, full), _block_views(v, size, full)
+    # each part: [the whole mini-batches [K, B·h, b, ·], the shorter last one [B·h, r, ·]]; the K side of all of them
+    # is laid out once, before the loop (one pass each; per step they would be ~3 more small ops of the ~12)
+    prepared = [k_prep(k_b, v_b) for k_b, v_b in zip(_block_views(k, size, full), _block_views(v, size, full))]
     eta = [_flat(x * (root_d / m)) for x, m in zip(_block_views(lr.unsqueeze(-1), size, full), sizes)]  # √d η_j / b
-    steps = list(zip(k_blocks[0].unbind(0), v_blocks[0].unbind(0), eta[0].unbind(0)))
-    steps += list(zip(k_blocks[1:], v_blocks[1:], eta[1:]))
+    steps = list(zip(prepared[0][0].unbind(0), prepared[0][1].unbind(0), eta[0].unbind(0)))
+    steps += [(xk, c, e) for (xk, c), e in zip(prepared[1:], eta[1:])]
     keys = []                                                               # [K | 1] per step (causal Q side only)
 
-    if kind == 'linear':
-        w = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)   # [BH, d + 1, d]
+    if kind == 'linear' and not (track or causal):
+        # no autograd, every query served by the state after its mini-batch: one state updated in place, and each
+        # mini-batch's queries read it right after its step (cache-resident) instead of a stack of all the states
+        w = _centred(torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2))  # [BH, d+1, d]
+        xq = [_flat(_with_ones(x)) for x in _block_views(q, size, full)]   # [Q | 1]
+        zq = [x.new_empty(*x.shape[:-1], d) for x in xq]
+        for (xk, c_i, eta_i), x, z in zip(steps, [*xq[0].unbind(0), *xq[1:]], [*zq[0].unbind(0), *zq[1:]]):
+            w.baddbmm_(xk.transpose(1, 2), grad(torch.bmm(xk, w), c_i, eta_i), alpha=-1)
+            torch.bmm(x, w, out=z)
+    elif kind == 'linear':
+        w = _centred(torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2))  # [BH, d+1, d]
         states, grads = _States(w, len(steps), track), []
-        for i, step in enumerate(steps):
-            xk, grad = k_side(*step)
-            g = grad(torch.bmm(xk, w))
+        for i, (xk, c_i, eta_i) in enumerate(steps):
+            g = grad(torch.bmm(xk, w), c_i, eta_i)
             if causal:
                 keys.append(xk)
                 grads.append(g)
@@ -153,14 +171,13 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
             zq = [x @ w_p for x, w_p in zip(xq, states.per_part(full))]
     else:
         w1 = torch.cat([_per_sample(state['w1'], bsz), _per_sample(state['b1'], bsz)], dim=-2)  # [BH, d + 1, m]
-        w2, b2 = _per_sample(state['w2'], bsz), _per_sample(state['b2'], bsz)                  # [BH, m, d], [BH, 1, d]
+        w2, b2 = _centred(_per_sample(state['w2'], bsz)), _centred(_per_sample(state['b2'], bsz))  # [BH, m | 1, d]
         states = [_States(t, len(steps), track) for t in (w1, w2, b2)]
         grads1, grads2, hidden = [], [], []
-        for i, step in enumerate(steps):
-            xk, grad = k_side(*step)
+        for i, (xk, c_i, eta_i) in enumerate(steps):
             z1 = torch.bmm(xk, w1)
             x2 = F.gelu(z1)
-            g2 = grad(torch.baddbmm(b2, x2, w2))
+            g2 = grad(torch.baddbmm(b2, x2, w2), c_i, eta_i)
             g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, w2.transpose(1, 2)), z1)  # G2 W2ᵀ ⊙ GELU'(z1), one op
             if causal:
                 keys.append(xk)
@@ -184,13 +201,14 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
     return _tail(zq, xq, ln_w, ln_b, eps, bsz, heads, size, track)
 
 
-def _captured_scan(kind, q, k, v, lr, state, k_side, size: int, causal: bool, eps: float, bsz: int, heads: int):
+def _captured_scan(kind, q, k, v, lr, state, k_prep, grad, size: int, causal: bool, eps: float, bsz: int,
+                   heads: int):
     """The scan while ``torch.export`` captures it, for any (symbolic) token count N: the tokens padded to
     K = ⌈N / b⌉ + 1 whole mini-batches of ``b = mini_batch_size`` slots, the padding with zero keys, values and lr
     (so zero gradient) and every slot's ``√d η_j`` divided by its own mini-batch's token count (the last one may be
     shorter), so the K steps have one shape and run as one ``torch`` scan (ONNX ``Scan``); the step is the eager
-    loop's (``k_side``). Same function as the loop (the shorter last mini-batch's mean and, causal, its ``(i + 1)``
-    weights are unchanged by the padding); tested against it in tests/models/test_export.py."""
+    loop's (``k_prep``, ``grad``). Same function as the loop (the shorter last mini-batch's mean and, causal, its
+    ``(i + 1)`` weights are unchanged by the padding); tested against it in tests/models/test_export.py."""
     from torch._higher_order_ops.scan import scan
 
     n, d = q.shape[2], q.shape[3]
@@ -203,38 +221,38 @@ def _captured_scan(kind, q, k, v, lr, state, k_side, size: int, causal: bool, ep
     counts = (n - slot // size * size).clamp(1, size)                           # tokens in each slot's mini-batch
     eta = padded(lr.unsqueeze(-1)) * (math.sqrt(d) / counts.to(lr.dtype)).view(1, 1, -1, 1)
     blocked = lambda t: t.unflatten(2, (blocks, size)).permute(2, 0, 1, 3, 4)     # [K, B, h, b, ·]
-    xs = (blocked(padded(k)), blocked(padded(v)), _flat(blocked(eta)))
+    xs = (*k_prep(blocked(padded(k)), blocked(padded(v))), _flat(blocked(eta)))     # [K | 1], c, √d η / b
     block_counts = counts[::size].to(q.dtype).view(-1, 1, 1, 1)                # [K, 1, 1, 1]
     xq = _flat(_with_ones(blocked(padded(q))))                                  # [K, B·h, b, d + 1]
     if kind == 'linear':
-        w0 = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)
+        w0 = _centred(torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2))
 
         def step(w, x):                 # ys: the state each mini-batch's queries read (causal: the one before)
-            xk, grad = k_side(*x)
-            g = grad(torch.bmm(xk, w))
+            xk, c, eta_i = x
+            g = grad(torch.bmm(xk, w), c, eta_i)
             new = torch.baddbmm(w, xk.transpose(1, 2), g, alpha=-1)
-            return new, ((w if causal else new).clone(), g, xk)
-        _, (read, grads, keys) = scan(step, w0, xs)
+            return new, ((w if causal else new).clone(), g)
+        _, (read, grads) = scan(step, w0, xs)
         zq = xq @ read
         if causal:
-            zq = zq - _causal_dual(xq, keys, grads, size, counts=block_counts)
+            zq = zq - _causal_dual(xq, xs[0], grads, size, counts=block_counts)
     else:
         init = (torch.cat([_per_sample(state['w1'], bsz), _per_sample(state['b1'], bsz)], dim=-2),
-                _per_sample(state['w2'], bsz), _per_sample(state['b2'], bsz))
+                _centred(_per_sample(state['w2'], bsz)), _centred(_per_sample(state['b2'], bsz)))
 
         def step(carry, x):
             w1, w2, b2 = carry
-            xk, grad = k_side(*x)
+            xk, c, eta_i = x
             z1 = torch.bmm(xk, w1)
             x2 = F.gelu(z1)
-            g2 = grad(torch.baddbmm(b2, x2, w2))
+            g2 = grad(torch.baddbmm(b2, x2, w2), c, eta_i)
             g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, w2.transpose(1, 2)), z1)
             new = (torch.baddbmm(w1, xk.transpose(1, 2), g1, alpha=-1),
                    torch.baddbmm(w2, x2.transpose(1, 2), g2, alpha=-1), b2 - g2.sum(1, keepdim=True))
-            return new, tuple(t.clone() for t in (carry if causal else new)) + (g1, g2, x2, xk)
-        _, (w1s, w2s, b2s, grads1, grads2, hidden, keys) = scan(step, init, xs)
+            return new, tuple(t.clone() for t in (carry if causal else new)) + (g1, g2, x2)
+        _, (w1s, w2s, b2s, grads1, grads2, hidden) = scan(step, init, xs)
         if causal:
-            xq2 = F.gelu(xq @ w1s - _causal_dual(xq, keys, grads1, size, counts=block_counts))
+            xq2 = F.gelu(xq @ w1s - _causal_dual(xq, xs[0], grads1, size, counts=block_counts))
             zq = xq2 @ w2s + b2s - _causal_dual(xq2, hidden, grads2, size, plus_one=True, counts=block_counts)
         else:
             zq = F.gelu(xq @ w1s) @ w2s + b2s
@@ -242,15 +260,22 @@ def _captured_scan(kind, q, k, v, lr, state, k_side, size: int, causal: bool, ep
     return _tail([zq], [xq], ln_w, ln_b, eps, bsz, heads, size, True)[:, :, :n]
 
 
+def _normalized(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine of rows that have mean 0 already (the centred states' outputs): ``z / √(mean(z²) +
+    eps)``, one norm reduction and one multiply (F.layer_norm's per-row centring pass costs ~1.7× this on CPU)."""
+    norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+    return z * torch.rsqrt(torch.addcmul(norm.new_full((), eps), norm, norm, value=1 / z.shape[-1]))
+
+
 def _tail(zq: list, xq: list, ln_w, ln_b, eps: float, bsz: int, heads: int, size: int, track: bool) -> torch.Tensor:
-    """``q + LN(z_q)`` of every part (``zq``: ``[K, B·h, b, d]`` and maybe ``[B·h, r, d]``; ``xq``: the parts'
-    ``[Q | 1]``), put back in token order: ``[B, h, N, d]``, a view of a token-major ``[B, N, h, d]`` tensor."""
+    """``q + LN(z_q)`` of every part (``zq``: ``[K, B·h, b, d]`` and maybe ``[B·h, r, d]``, rows of mean 0; ``xq``:
+    the parts' ``[Q | 1]``), put back in token order: ``[B, h, N, d]``, a view of a token-major ``[B, N, h, d]``
+    tensor."""
     d, full = ln_w.shape[-1], zq[0].shape[0]
     nf = full * size
     heads_apart = lambda t: t.unflatten(-3, (bsz, heads))                  # [..., B·h, b, ·] -> [..., B, h, b, ·]
     if track:
-        outs = [heads_apart(torch.addcmul(ln_b, F.layer_norm(z, (d,), eps=eps), ln_w) + x[..., :d])
-                for z, x in zip(zq, xq)]
+        outs = [heads_apart(torch.addcmul(ln_b, _normalized(z, eps), ln_w) + x[..., :d]) for z, x in zip(zq, xq)]
         out = outs[0].permute(1, 0, 3, 2, 4).reshape(bsz, nf, heads, d)
         return torch.cat([out, outs[1].transpose(1, 2)], dim=1).transpose(1, 2) if len(outs) > 1 else \
             out.transpose(1, 2)
@@ -259,6 +284,6 @@ def _tail(zq: list, xq: list, ln_w, ln_b, eps: float, bsz: int, heads: int, size
     out = zq[0].new_empty(bsz, n, heads, d)
     targets = [out[:, :nf].unflatten(1, (full, size)).permute(1, 0, 3, 2, 4), out[:, nf:].transpose(1, 2)]
     for z, x, target in zip(zq, xq, targets):
-        y = F.layer_norm(z, (d,), eps=eps)
+        y = _normalized(z, eps)
         torch.add(heads_apart(torch.addcmul(ln_b, y, ln_w, out=y)), heads_apart(x[..., :d]), out=target)
     return out.transpose(1, 2)
