@@ -377,18 +377,13 @@ def layer_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return (z - mu) * torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + eps) * weight + bias
 
 
-def layer_norm_stats(z: torch.Tensor, eps: float, centered: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def layer_norm_stats(z: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x̃, r)`` of a row-wise LayerNorm, in sums only: ``r = rstd / √d = 1 / √(Σ(z − μ)² + d · eps)`` and
-    ``x̃ = (z − μ) · r = x̂ / √d`` (on CPU torch.var_mean is ~10× and Tensor.mean ~1.5× slower than Tensor.sum).
-    ``centered``: the caller guarantees rows of mean 0 (μ = 0 is not subtracted; ``Σz²`` is one norm reduction)."""
+    ``x̃ = (z − μ) · r = x̂ / √d`` (on CPU torch.var_mean is ~10× and Tensor.mean ~1.5× slower than Tensor.sum)."""
     d = z.shape[-1]
-    if centered:
-        norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        r = torch.rsqrt(torch.addcmul(norm.new_full((), d * eps), norm, norm))
-        return z * r, r
-    centered_z = torch.sub(z, z.sum(-1, keepdim=True), alpha=1 / d)
-    r = torch.rsqrt(torch.linalg.vecdot(centered_z, centered_z).unsqueeze(-1) + d * eps)
-    return centered_z * r, r
+    centered = torch.sub(z, z.sum(-1, keepdim=True), alpha=1 / d)
+    r = torch.rsqrt(torch.linalg.vecdot(centered, centered).unsqueeze(-1) + d * eps)
+    return centered * r, r
 
 
 def layer_norm_project(g_hat: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:

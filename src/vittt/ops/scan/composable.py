@@ -56,7 +56,7 @@ def ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias
     return u * (r * root_d)
 
 
-def ln_l2_grad_parts(z: torch.Tensor, c: torch.Tensor, w_sq: torch.Tensor, eps: float, centered: bool = False):
+def ln_l2_grad_parts(z: torch.Tensor, c: torch.Tensor, w_sq: torch.Tensor, eps: float):
     """:func:`ln_l2_grad` from pieces that do not depend on ``z`` (so callers can compute them once), in few passes.
 
     Takes ``c = weight · (bias − target)`` and ``w_sq = weight² · √d``; returns ``(u, r)`` with ``ln_l2_grad =
@@ -66,9 +66,8 @@ def ln_l2_grad_parts(z: torch.Tensor, c: torch.Tensor, w_sq: torch.Tensor, eps: 
     gradient is ``(ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)) · rstd``. Here ``r = rstd / √d = 1 / √(Σ(z − μ)² + d · eps)`` and
     ``x̃ = x̂ / √d``, so that ``u = ĝ − Σĝ / d − x̃ · Σ(ĝ x̃)`` (:func:`~vittt.ops.inner.functions.layer_norm_stats`,
     :func:`~vittt.ops.inner.functions.layer_norm_project`: LayerNorm's one backward, with ``ĝ`` formed from ``x̃``).
-    ``centered``: z's rows have mean 0 already (:func:`~vittt.ops.inner.functions.layer_norm_stats`).
     """
-    x_t, r = layer_norm_stats(z, eps, centered)
+    x_t, r = layer_norm_stats(z, eps)
     return layer_norm_project(torch.addcmul(c, w_sq, x_t), x_t), r
 
 

@@ -69,11 +69,6 @@ class _States:
         return [stacked[first:first + full]] + ([stacked[first + full]] if stacked.shape[0] > full + 1 else [])
 
 
-def _centred(t: torch.Tensor) -> torch.Tensor:
-    """Each row minus its mean (``S P`` with ``P = I − 11ᵀ / d``): a last layer whose outputs have rows of mean 0."""
-    return t - t.mean(-1, keepdim=True)
-
-
 def _grouped(history: list, full: int) -> list:
     """Per-step tensors -> ``[stacked over the whole mini-batches [K, ...], (the last shorter one's)]``."""
     return [torch.stack(history[:full])] + history[full:]
@@ -97,10 +92,8 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
     for :func:`ttt_scan`) or per sample ``[B, h, ...]``. Before the loop, the K side of all tokens is laid out once,
     mini-batch-major: ``[K | 1]`` (the bias rides on the weight as a last row) and ``c = weight · (bias − (V − K))``
     (with the LN weight products and the per-token ``√d · η_j / b_k``). The loop runs over mini-batches and does the K
-    side only: ``z = [K | 1] S̃``, the LN-fused L2 gradient (:func:`ln_l2_grad_parts`), ``S̃ −= [K | 1]ᵀ (η/b ⊙ G)``,
-    about a dozen small ops a step. ``S̃`` is the last layer kept with centred columns (rows of z have mean 0, so the
-    LN gradient skips its centring and the output LayerNorm is a norm and a multiply; LN removes the mean, so the
-    function is unchanged). The Q side runs for all mini-batches at once after the loop: ``[Q | 1]`` laid out
+    side only: ``z = [K | 1] S``, the LN-fused L2 gradient (:func:`ln_l2_grad_parts`), ``S −= [K | 1]ᵀ (η/b ⊙ G)``,
+    about a dozen small ops a step. The Q side runs for all mini-batches at once after the loop: ``[Q | 1]`` laid out
     mini-batch-major ``[K, B·h, b, d + 1]``, one batched matmul against the stacked states (causal: plus the batched
     dual-form correction), one LayerNorm + residual; so all ``K + 1`` states are kept (autograd keeps them anyway).
     Without autograd the TTT-MLP and causal states are written straight into one preallocated stack; non-causal
@@ -125,13 +118,10 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
         return _flat(xk), _flat(torch.addcmul(per_head(ln_w * ln_b), per_head(ln_w), xk[..., :d] - v_b))
 
     def grad(z, c_i, eta_i):
-        """``(η_j / b) dℓ_j/dz_j`` of one mini-batch from its output z (centred rows, see below)."""
-        u, r = ln_l2_grad_parts(z, c_i, w_sq, eps, centered=True)
+        """``(η_j / b) dℓ_j/dz_j`` of one mini-batch from its output z."""
+        u, r = ln_l2_grad_parts(z, c_i, w_sq, eps)
         return u * (r * eta_i)
 
-    # The last layer's weight and bias are kept with centred columns, S̃ = S − mean_cols(S): then z = [X | 1] S̃ has
-    # rows of mean 0 (the LN gradient skips its centring), the LN of every output is unchanged (LN removes the mean),
-    # and S̃ stays centred, since every gradient the loop subtracts has rows of sum 0 (LN's backward), G̃ = G.
     if torch.compiler.is_exporting():  # a symbolic N: padded mini-batches in one scan op
         return _captured_scan(kind, q, k, v, lr, state, k_prep, grad, mini_batch_size, causal, eps, bsz, heads)
     size = min(mini_batch_size, n)
@@ -148,14 +138,14 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
     if kind == 'linear' and not (track or causal):
         # no autograd, every query served by the state after its mini-batch: one state updated in place, and each
         # mini-batch's queries read it right after its step (cache-resident) instead of a stack of all the states
-        w = _centred(torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2))  # [BH, d+1, d]
+        w = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)    # [BH, d + 1, d]
         xq = [_flat(_with_ones(x)) for x in _block_views(q, size, full)]   # [Q | 1]
         zq = [x.new_empty(*x.shape[:-1], d) for x in xq]
         for (xk, c_i, eta_i), x, z in zip(steps, [*xq[0].unbind(0), *xq[1:]], [*zq[0].unbind(0), *zq[1:]]):
             w.baddbmm_(xk.transpose(1, 2), grad(torch.bmm(xk, w), c_i, eta_i), alpha=-1)
             torch.bmm(x, w, out=z)
     elif kind == 'linear':
-        w = _centred(torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2))  # [BH, d+1, d]
+        w = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)    # [BH, d + 1, d]
         states, grads = _States(w, len(steps), track), []
         for i, (xk, c_i, eta_i) in enumerate(steps):
             g = grad(torch.bmm(xk, w), c_i, eta_i)
@@ -171,7 +161,7 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
             zq = [x @ w_p for x, w_p in zip(xq, states.per_part(full))]
     else:
         w1 = torch.cat([_per_sample(state['w1'], bsz), _per_sample(state['b1'], bsz)], dim=-2)  # [BH, d + 1, m]
-        w2, b2 = _centred(_per_sample(state['w2'], bsz)), _centred(_per_sample(state['b2'], bsz))  # [BH, m | 1, d]
+        w2, b2 = _per_sample(state['w2'], bsz), _per_sample(state['b2'], bsz)                  # [BH, m, d], [BH, 1, d]
         states = [_States(t, len(steps), track) for t in (w1, w2, b2)]
         grads1, grads2, hidden = [], [], []
         for i, (xk, c_i, eta_i) in enumerate(steps):
@@ -225,7 +215,7 @@ def _captured_scan(kind, q, k, v, lr, state, k_prep, grad, size: int, causal: bo
     block_counts = counts[::size].to(q.dtype).view(-1, 1, 1, 1)                # [K, 1, 1, 1]
     xq = _flat(_with_ones(blocked(padded(q))))                                  # [K, B·h, b, d + 1]
     if kind == 'linear':
-        w0 = _centred(torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2))
+        w0 = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)
 
         def step(w, x):                 # ys: the state each mini-batch's queries read (causal: the one before)
             xk, c, eta_i = x
@@ -238,7 +228,7 @@ def _captured_scan(kind, q, k, v, lr, state, k_prep, grad, size: int, causal: bo
             zq = zq - _causal_dual(xq, xs[0], grads, size, counts=block_counts)
     else:
         init = (torch.cat([_per_sample(state['w1'], bsz), _per_sample(state['b1'], bsz)], dim=-2),
-                _centred(_per_sample(state['w2'], bsz)), _centred(_per_sample(state['b2'], bsz)))
+                _per_sample(state['w2'], bsz), _per_sample(state['b2'], bsz))
 
         def step(carry, x):
             w1, w2, b2 = carry
@@ -260,22 +250,16 @@ def _captured_scan(kind, q, k, v, lr, state, k_prep, grad, size: int, causal: bo
     return _tail([zq], [xq], ln_w, ln_b, eps, bsz, heads, size, True)[:, :, :n]
 
 
-def _normalized(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm without affine of rows that have mean 0 already (the centred states' outputs): ``z / √(mean(z²) +
-    eps)``, one norm reduction and one multiply (F.layer_norm's per-row centring pass costs ~1.7× this on CPU)."""
-    norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-    return z * torch.rsqrt(torch.addcmul(norm.new_full((), eps), norm, norm, value=1 / z.shape[-1]))
-
-
 def _tail(zq: list, xq: list, ln_w, ln_b, eps: float, bsz: int, heads: int, size: int, track: bool) -> torch.Tensor:
-    """``q + LN(z_q)`` of every part (``zq``: ``[K, B·h, b, d]`` and maybe ``[B·h, r, d]``, rows of mean 0; ``xq``:
-    the parts' ``[Q | 1]``), put back in token order: ``[B, h, N, d]``, a view of a token-major ``[B, N, h, d]``
+    """``q + LN(z_q)`` of every part (``zq``: ``[K, B·h, b, d]`` and maybe ``[B·h, r, d]``; ``xq``: the
+    parts' ``[Q | 1]``), put back in token order: ``[B, h, N, d]``, a view of a token-major ``[B, N, h, d]``
     tensor."""
     d, full = ln_w.shape[-1], zq[0].shape[0]
     nf = full * size
     heads_apart = lambda t: t.unflatten(-3, (bsz, heads))                  # [..., B·h, b, ·] -> [..., B, h, b, ·]
     if track:
-        outs = [heads_apart(torch.addcmul(ln_b, _normalized(z, eps), ln_w) + x[..., :d]) for z, x in zip(zq, xq)]
+        outs = [heads_apart(torch.addcmul(ln_b, F.layer_norm(z, (d,), eps=eps), ln_w) + x[..., :d])
+                for z, x in zip(zq, xq)]
         out = outs[0].permute(1, 0, 3, 2, 4).reshape(bsz, nf, heads, d)
         return torch.cat([out, outs[1].transpose(1, 2)], dim=1).transpose(1, 2) if len(outs) > 1 else \
             out.transpose(1, 2)
@@ -284,6 +268,6 @@ def _tail(zq: list, xq: list, ln_w, ln_b, eps: float, bsz: int, heads: int, size
     out = zq[0].new_empty(bsz, n, heads, d)
     targets = [out[:, :nf].unflatten(1, (full, size)).permute(1, 0, 3, 2, 4), out[:, nf:].transpose(1, 2)]
     for z, x, target in zip(zq, xq, targets):
-        y = _normalized(z, eps)
+        y = F.layer_norm(z, (d,), eps=eps)
         torch.add(heads_apart(torch.addcmul(ln_b, y, ln_w, out=y)), heads_apart(x[..., :d]), out=target)
     return out.transpose(1, 2)
