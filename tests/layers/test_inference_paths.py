@@ -100,6 +100,56 @@ def test_stem_channels_last_and_merge_equal_modules():
     torch.testing.assert_close(merged, merged_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('budget', [1, 700, 5000, 40_000, 1 << 22])
+@pytest.mark.parametrize('batch,size', [(3, (30, 22)), (1, (33, 17)), (2, (8, 4))])
+def test_banded_stem_and_merge_equal_whole_map(monkeypatch, budget, batch, size):
+    """Bands of rows and groups of samples (every split from one output row per band to the whole map, odd sides
+    included) give the whole-map convolutions' result: the context rows each band reads through the stem's five
+    convolutions (two of stride 2) and the merge's three, and the zero rows at the map's edges."""
+    import vittt.layers.conv as conv_module
+    torch.manual_seed(0)
+    stem, merge = ConvStem(3, 16).eval(), ConvDownsample(16, 32).eval()
+    _randomise_bn(stem)
+    _randomise_bn(merge)
+    x = torch.randn(batch, 3, *size)
+    with torch.no_grad():
+        monkeypatch.setattr(conv_module, 'BAND_ELEMENTS', 1 << 40)             # one band: the whole map
+        whole = stem(x)
+        merged_whole = merge(*whole)
+        monkeypatch.setattr(conv_module, 'BAND_ELEMENTS', budget)
+        tokens, grid = stem(x)
+        merged, grid2 = merge(tokens, grid)
+    assert grid == whole[1] and grid2 == merged_whole[1]
+    torch.testing.assert_close(tokens, whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, merged_whole[0], atol=1e-5, rtol=1e-5)
+
+
+def test_banded_convs_split_as_budgeted(monkeypatch):
+    """The split follows the budget: a map that fits runs whole, one that does not runs in groups of samples, a
+    sample that does not fit in bands of rows; no band's widest map (the merge's 4C' map at full resolution, the
+    input of its 3×3 convolution, zero rows included) exceeds the budget."""
+    import vittt.layers.conv as conv_module
+    torch.manual_seed(0)
+    merge = ConvDownsample(8, 8).eval()                                    # 32 channels at the input's 16 × 16
+    x = torch.randn(4, 16 * 16, 8)
+    original, shapes = ConvNormAct._forward_inference, []
+
+    def recording(self, x, padding=None):
+        if self is merge.conv[1]:
+            shapes.append(tuple(x.shape))
+        return original(self, x, padding)
+    monkeypatch.setattr(ConvNormAct, '_forward_inference', recording)
+    with torch.no_grad():
+        for budget, expected in [(1 << 30, [(4, 32, 16, 16)]),              # whole
+                                 (32 * 16 * 16 * 2, [(2, 32, 16, 16)] * 2),   # two samples at a time
+                                 # 2 output rows a band: 5 input rows, the top band's 4 (+ the conv's zero row)
+                                 (32 * 16 * 5, ([(1, 32, 4, 16)] + [(1, 32, 5, 16)] * 3) * 4)]:
+            shapes.clear()
+            monkeypatch.setattr(conv_module, 'BAND_ELEMENTS', budget)
+            merge(x, (16, 16))
+            assert shapes == expected, (budget, shapes)
+
+
 @pytest.mark.parametrize('dwconv', [False, True])
 def test_mlp_inference_path(dwconv):
     torch.manual_seed(0)

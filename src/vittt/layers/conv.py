@@ -33,23 +33,102 @@ class ConvNormAct(nn.Module):
             x = self.act(x)
         return x
 
-    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_inference(self, x: torch.Tensor, padding=None) -> torch.Tensor:
         """Without autograd: an eval-mode BatchNorm folded into the convolution's weight and bias (one pass over the
         map less) and the ReLU in place in the convolution's fresh output (no second map of that size: on CPU the
-        stem's and the merges' largest maps cost more to allocate than to rectify). Same function as the modules."""
+        stem's and the merges' largest maps cost more to allocate than to rectify). Same function as the modules.
+        ``padding``: instead of the convolution's own (a band of rows that brings its context rows along)."""
         conv, norm = self.conv, self.norm
+        padding = conv.padding if padding is None else padding
+        weight, bias = conv.weight, conv.bias
         if norm is not None and not norm.training and norm.track_running_stats:
             scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-            bias = norm.bias - norm.running_mean * scale
-            if conv.bias is not None:
-                bias = bias + conv.bias * scale
-            x = F.conv2d(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias, conv.stride, conv.padding,
-                         conv.dilation, conv.groups)
-        else:
-            x = conv(x)
-            if norm is not None:
-                x = norm(x)
+            bias = norm.bias - norm.running_mean * scale if bias is None else norm.bias + (bias - norm.running_mean) \
+                * scale
+            weight, norm = weight * scale.reshape(-1, 1, 1, 1), None
+        x = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+        if norm is not None:
+            x = norm(x)
         return F.relu_(x) if self.act is not None else x
+
+
+def _banded(module: nn.Module) -> bool:
+    """Eval, no autograd, concrete shapes: the conditions of :func:`banded_convs` (and of the folded BatchNorms)."""
+    return not (module.training or torch.is_grad_enabled() or symbolic_shapes())
+
+
+#: largest intermediate map (elements) one band of :func:`banded_convs` may hold: 4 Mi values (16 MiB in float32)
+BAND_ELEMENTS = 1 << 22
+
+
+def _geometry(convs) -> list:
+    """Per convolution ``(kernel, stride, padding)`` along the rows."""
+    return [(m.conv.kernel_size[0], m.conv.stride[0], m.conv.padding[0]) for m in convs]
+
+
+def _rows_needed(geometry: list, heights: list, a: int, b: int) -> list:
+    """Rows ``[lo, hi)`` of each map (input first) that output rows ``[a, b)`` of the last convolution read, each
+    from the rows of the next map that lie inside it (``lo < 0`` or ``hi >`` the map's height: the convolution's
+    zero padding)."""
+    spans = [(a, b)]
+    for (k, s, p), height in zip(reversed(geometry), reversed(heights[1:])):
+        lo, hi = max(spans[0][0], 0), min(spans[0][1], height)
+        spans.insert(0, (s * lo - p, s * (hi - 1) - p + k))
+    return spans
+
+
+def banded_convs(x: torch.Tensor, convs) -> torch.Tensor:
+    """``convs`` (a sequence of :class:`ConvNormAct`, square kernels with ``padding = (kernel − 1) / 2``) without
+    autograd, over groups of samples and bands of output rows whose largest intermediate map stays under
+    :data:`BAND_ELEMENTS` values, then joined. Same function as running them on the whole map: a band of output rows
+    reads its context rows from the maps before it (recomputed by the band: a few rows per convolution), and rows
+    outside a map are zeros, as the convolutions' padding.
+
+    Why: on CPU a fresh map above glibc's mmap threshold (32 MiB at most) is page-faulted on first touch at every
+    call, ~0.9 µs per 4 KiB page: at batch 16 (or at 1024², batch 1) the H-ViT³ stem's and merges' widest maps cost
+    more to fault in than their convolutions take. Band-sized buffers are recycled by the allocator instead."""
+    geometry = _geometry(convs)
+    heights, widths, channels = [x.shape[2]], [x.shape[3]], [x.shape[1]]
+    for (k, s, p), m in zip(geometry, convs):
+        heights.append((heights[-1] + 2 * p - k) // s + 1)
+        widths.append((widths[-1] + 2 * m.conv.padding[1] - m.conv.kernel_size[1]) // m.conv.stride[1] + 1)
+        channels.append(m.conv.out_channels)
+    b, h_out = x.shape[0], heights[-1]
+
+    def size(samples: int, rows: int) -> int:   # values in the largest map of a band with context on both sides
+        a = max(0, min(rows, h_out - rows))
+        spans = _rows_needed(geometry, heights, a, a + rows)
+        return samples * max((min(hi, hgt) - max(lo, 0)) * wd * ch
+                             for (lo, hi), hgt, wd, ch in zip(spans, heights, widths, channels))
+
+    samples = max(1, min(b, BAND_ELEMENTS // max(1, size(1, h_out))))
+    rows = h_out
+    while rows > 1 and size(samples, rows) > BAND_ELEMENTS:
+        rows = (rows + 1) // 2
+    if samples >= b and rows >= h_out:
+        for m in convs:
+            x = m._forward_inference(x)
+        return x
+    groups = []
+    for i in range(0, b, samples):
+        outs = []
+        for a in range(0, h_out, rows):
+            spans = _rows_needed(geometry, heights, a, min(a + rows, h_out))
+            lo, hi = spans[0]
+            xb = x[i:i + samples, :, max(lo, 0):min(hi, heights[0])]
+            for m, (lo, hi), hgt, (_, _, p), (out_lo, out_hi), out_hgt in zip(convs, spans, heights, geometry,
+                                                                                spans[1:], heights[1:]):
+                pad_w = m.conv.padding[1]
+                if lo < 0:   # a band at the top (lo = −p): the convolution's own zero rows; the last output rows
+                    # it then makes read its bottom padding where the band has real rows (stride 1), so are cut
+                    xb = m._forward_inference(xb, (p, pad_w))[:, :, :min(out_hi, out_hgt) - max(out_lo, 0)]
+                else:
+                    if hi > hgt:  # a band at the bottom, not at the top: its zero rows below, explicitly
+                        xb = F.pad(xb, (0, 0, 0, hi - hgt)).contiguous(memory_format=torch.channels_last)
+                    xb = m._forward_inference(xb, (0, pad_w))
+            outs.append(xb)
+        groups.append(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0])
+    return torch.cat(groups, dim=0) if len(groups) > 1 else groups[0]
 
 
 class ConvStem(nn.Module):
@@ -79,7 +158,10 @@ class ConvStem(nn.Module):
             # included), and the output map is then already token-major (map_to_tokens is a view, the first
             # block's CPE gets the layout it wants). Not while shapes are symbolic (see tokens_to_map).
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.conv(x)
+        if _banded(self):  # in bands (banded_convs)
+            x = banded_convs(x, self.conv)
+        else:
+            x = self.conv(x)
         return map_to_tokens(x), (x.shape[-2], x.shape[-1])
 
 
@@ -100,7 +182,11 @@ class ConvDownsample(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> Tuple[torch.Tensor, GridSize]:
-        x = self.conv(pad_to_multiple(tokens_to_map(x, grid_size), 2))
+        x = pad_to_multiple(tokens_to_map(x, grid_size), 2)
+        if _banded(self):  # the 4C' map at the input's resolution, in bands (banded_convs)
+            x = banded_convs(x, self.conv)
+        else:
+            x = self.conv(x)
         return map_to_tokens(x), (x.shape[-2], x.shape[-1])
 
 
