@@ -142,7 +142,7 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
         xq = [_flat(_with_ones(x)) for x in _block_views(q, size, full)]   # [Q | 1]
         zq = [x.new_empty(*x.shape[:-1], d) for x in xq]
         for (xk, c_i, eta_i), x, z in zip(steps, [*xq[0].unbind(0), *xq[1:]], [*zq[0].unbind(0), *zq[1:]]):
-            w.baddbmm_(xk.transpose(1, 2), grad(torch.bmm(xk, w), c_i, eta_i), alpha=-1)
+            torch.baddbmm(w, xk.transpose(1, 2), grad(torch.bmm(xk, w), c_i, eta_i), alpha=-1, out=w)  # (counted)
             torch.bmm(x, w, out=z)
     elif kind == 'linear':
         w = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)    # [BH, d + 1, d]
