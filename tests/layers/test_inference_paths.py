@@ -106,17 +106,17 @@ def test_banded_stem_and_merge_equal_whole_map(monkeypatch, budget, batch, size)
     """Bands of rows and groups of samples (every split from one output row per band to the whole map, odd sides
     included) give the whole-map convolutions' result: the context rows each band reads through the stem's five
     convolutions (two of stride 2) and the merge's three, and the zero rows at the map's edges."""
-    import vittt.layers.conv as conv_module
+    import vittt.layers.lean as lean_module
     torch.manual_seed(0)
     stem, merge = ConvStem(3, 16).eval(), ConvDownsample(16, 32).eval()
     _randomise_bn(stem)
     _randomise_bn(merge)
     x = torch.randn(batch, 3, *size)
     with torch.no_grad():
-        monkeypatch.setattr(conv_module, 'BAND_ELEMENTS', 1 << 40)             # one band: the whole map
+        monkeypatch.setattr(lean_module, 'CHUNK_ELEMENTS', 1 << 40)             # one band: the whole map
         whole = stem(x)
         merged_whole = merge(*whole)
-        monkeypatch.setattr(conv_module, 'BAND_ELEMENTS', budget)
+        monkeypatch.setattr(lean_module, 'CHUNK_ELEMENTS', budget)
         tokens, grid = stem(x)
         merged, grid2 = merge(tokens, grid)
     assert grid == whole[1] and grid2 == merged_whole[1]
@@ -128,7 +128,7 @@ def test_banded_convs_split_as_budgeted(monkeypatch):
     """The split follows the budget: a map that fits runs whole, one that does not runs in groups of samples, a
     sample that does not fit in bands of rows; no band's widest map (the merge's 4C' map at full resolution, the
     input of its 3×3 convolution, zero rows included) exceeds the budget."""
-    import vittt.layers.conv as conv_module
+    import vittt.layers.lean as lean_module
     torch.manual_seed(0)
     merge = ConvDownsample(8, 8).eval()                                    # 32 channels at the input's 16 × 16
     x = torch.randn(4, 16 * 16, 8)
@@ -145,7 +145,7 @@ def test_banded_convs_split_as_budgeted(monkeypatch):
                                  # 2 output rows a band: 5 input rows, the top band's 4 (+ the conv's zero row)
                                  (32 * 16 * 5, ([(1, 32, 4, 16)] + [(1, 32, 5, 16)] * 3) * 4)]:
             shapes.clear()
-            monkeypatch.setattr(conv_module, 'BAND_ELEMENTS', budget)
+            monkeypatch.setattr(lean_module, 'CHUNK_ELEMENTS', budget)
             merge(x, (16, 16))
             assert shapes == expected, (budget, shapes)
 

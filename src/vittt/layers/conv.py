@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops._capture import symbolic_shapes
+from . import lean
 from .grid import GridSize, map_to_tokens, pad_to_multiple, tokens_to_map
 
 __all__ = ['ConvNormAct', 'ConvStem', 'ConvDownsample', 'PatchEmbed']
@@ -57,10 +58,6 @@ def _banded(module: nn.Module) -> bool:
     return not (module.training or torch.is_grad_enabled() or symbolic_shapes())
 
 
-#: largest intermediate map (elements) one band of :func:`banded_convs` may hold: 4 Mi values (16 MiB in float32)
-BAND_ELEMENTS = 1 << 22
-
-
 def _geometry(convs) -> list:
     """Per convolution ``(kernel, stride, padding)`` along the rows."""
     return [(m.conv.kernel_size[0], m.conv.stride[0], m.conv.padding[0]) for m in convs]
@@ -80,13 +77,12 @@ def _rows_needed(geometry: list, heights: list, a: int, b: int) -> list:
 def banded_convs(x: torch.Tensor, convs) -> torch.Tensor:
     """``convs`` (a sequence of :class:`ConvNormAct`, square kernels with ``padding = (kernel − 1) / 2``) without
     autograd, over groups of samples and bands of output rows whose largest intermediate map stays under
-    :data:`BAND_ELEMENTS` values, then joined. Same function as running them on the whole map: a band of output rows
-    reads its context rows from the maps before it (recomputed by the band: a few rows per convolution), and rows
-    outside a map are zeros, as the convolutions' padding.
+    :data:`~vittt.layers.lean.CHUNK_ELEMENTS` values, then joined. Same function as running them on the whole map:
+    a band of output rows reads its context rows from the maps before it (recomputed by the band: a few rows per
+    convolution), and rows outside a map are zeros, as the convolutions' padding.
 
-    Why: on CPU a fresh map above glibc's mmap threshold (32 MiB at most) is page-faulted on first touch at every
-    call, ~0.9 µs per 4 KiB page: at batch 16 (or at 1024², batch 1) the H-ViT³ stem's and merges' widest maps cost
-    more to fault in than their convolutions take. Band-sized buffers are recycled by the allocator instead."""
+    Why: at batch 16 (or at 1024², batch 1) the H-ViT³ stem's and merges' widest maps cost more to page-fault in
+    than their convolutions take (:data:`~vittt.layers.lean.CHUNK_ELEMENTS`)."""
     geometry = _geometry(convs)
     heights, widths, channels = [x.shape[2]], [x.shape[3]], [x.shape[1]]
     for (k, s, p), m in zip(geometry, convs):
@@ -101,9 +97,9 @@ def banded_convs(x: torch.Tensor, convs) -> torch.Tensor:
         return samples * max((min(hi, hgt) - max(lo, 0)) * wd * ch
                              for (lo, hi), hgt, wd, ch in zip(spans, heights, widths, channels))
 
-    samples = max(1, min(b, BAND_ELEMENTS // max(1, size(1, h_out))))
+    samples = lean.sample_group(b, size(1, h_out))
     rows = h_out
-    while rows > 1 and size(samples, rows) > BAND_ELEMENTS:
+    while rows > 1 and size(samples, rows) > lean.CHUNK_ELEMENTS:
         rows = (rows + 1) // 2
     if samples >= b and rows >= h_out:
         for m in convs:

@@ -9,9 +9,21 @@ from torch import nn
 
 from .switches import set_fast_path
 
-__all__ = ['set_memory_lean', 'DEFAULT_CHUNK_TOKENS', 'Band', 'bands']
+__all__ = ['set_memory_lean', 'DEFAULT_CHUNK_TOKENS', 'CHUNK_ELEMENTS', 'Band', 'bands', 'sample_group']
 
 DEFAULT_CHUNK_TOKENS = 1024
+
+#: the largest activation (values) one chunk of the CPU inference paths holds: 4 Mi values, 16 MiB in float32.
+#: On CPU a fresh tensor above glibc's mmap threshold (32 MiB at most) is page-faulted on first touch at every call,
+#: ~0.9 µs per 4 KiB page, which for the 4C-wide activations of a batch costs more than the matmul that fills
+#: them; chunk-sized buffers are recycled by the allocator instead (see :func:`sample_group`).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def sample_group(batch: int, per_sample: int) -> int:
+    """How many samples one chunk takes so that its widest activation (``per_sample`` values a sample) stays under
+    :data:`CHUNK_ELEMENTS` (at least one, at most ``batch``)."""
+    return max(1, min(batch, CHUNK_ELEMENTS // max(1, per_sample)))
 
 
 def set_memory_lean(model: nn.Module, enabled: bool = True, chunk_tokens: Optional[int] = None) -> int:
