@@ -171,3 +171,15 @@ def test_block_residuals_same_in_training_and_inference():
     torch.testing.assert_close(out, out_inference, atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_bands_only_on_cpu(monkeypatch):
+    """Off the CPU (here the meta device, as for a GPU) the stem and merges run whole: the page faults the bands
+    avoid are the CPU allocator's."""
+    import vittt.layers.conv as conv_module
+    monkeypatch.setattr(conv_module, 'banded_convs', lambda *a, **k: pytest.fail('banded off the CPU'))
+    stem, merge = ConvStem(3, 16).eval().to('meta'), ConvDownsample(16, 32).eval().to('meta')
+    with torch.no_grad():
+        tokens, grid = stem(torch.empty(2, 3, 32, 32, device='meta'))
+        merged, _ = merge(tokens, grid)
+    assert tokens.shape == (2, 64, 16) and merged.shape == (2, 16, 32)

@@ -63,3 +63,9 @@ def test_sample_group_sizes(monkeypatch):
     assert lean.sample_group(8, 30) == 3
     assert lean.sample_group(8, 500) == 1                                      # at least one
     assert lean.sample_group(2, 10) == 2                                       # at most the batch
+
+
+def test_no_groups_off_the_cpu(monkeypatch):
+    model = timm.create_model('vit3_tiny', num_classes=10, depth=2).eval().to('meta')
+    monkeypatch.setattr(lean, 'CHUNK_ELEMENTS', 1)
+    assert set(_batch_sizes(model, torch.empty(3, 3, 32, 32, device='meta'))[1]) == {3}
