@@ -558,6 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f'vittt {args.command}: error: {e}', file=sys.stderr)
         return 2
+    finally:
+        from .engine import shutdown_distributed
+        shutdown_distributed()  # (under torchrun; a no-op otherwise)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@ runs), metrics JSONL / CSV / TensorBoard, the progress bar and curves. Tasks liv
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, is_weight_checkpoint, load_model_weights,
                          load_trained_model, load_training_checkpoint, save_checkpoint)
 from .distributed import (DistInfo, ShardSampler, all_gather_objects, all_reduce_sum, barrier, eval_loader,
-                          init_distributed)
+                          init_distributed, shutdown_distributed)
 from .recipe import (ENGINE_DEFAULTS, RecipeError, find_recipe, list_recipes, load_recipe, parse_overrides,
                      recipe_defaults, recipe_yaml, scaled_lr)
 from .rng import SeededDataset, derive_seed, seed_all
@@ -18,6 +18,7 @@ from .trainer import Trainer, move_to
 __all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'is_weight_checkpoint', 'load_model_weights', 'load_trained_model',
            'load_training_checkpoint', 'save_checkpoint', 'DistInfo',
            'ShardSampler', 'all_gather_objects', 'all_reduce_sum', 'barrier', 'eval_loader', 'init_distributed',
+           'shutdown_distributed',
            'ENGINE_DEFAULTS',
            'RecipeError', 'find_recipe', 'list_recipes', 'load_recipe', 'parse_overrides', 'recipe_defaults',
            'recipe_yaml', 'scaled_lr', 'SeededDataset', 'derive_seed', 'seed_all', 'StepContext', 'Task',

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'barrier', 'ShardSampler', 'eval_loader']
+__all__ = ['DistInfo', 'init_distributed', 'shutdown_distributed', 'all_reduce_sum', 'barrier', 'ShardSampler',
+           'eval_loader']
 
 
 @dataclass
@@ -36,6 +37,14 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     return DistInfo(rank, world, local_rank, dev)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group, if one was made: left to the interpreter's exit, gloo's transport threads can
+    still be running while static destructors run, and a rank then aborts (``terminate called without an active
+    exception``, exit code -6) after its work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: List[float], info: DistInfo) -> List[float]:
