@@ -53,12 +53,6 @@ class ConvNormAct(nn.Module):
         return F.relu_(x) if self.act is not None else x
 
 
-def _banded(module: nn.Module, x: torch.Tensor) -> bool:
-    """Eval, no autograd, concrete shapes, on CPU: the conditions of :func:`banded_convs` (the page faults it avoids
-    are the CPU allocator's; a GPU's caching allocator has none, and bands would only add kernels there)."""
-    return not (module.training or torch.is_grad_enabled() or symbolic_shapes() or x.device.type != 'cpu')
-
-
 def _geometry(convs) -> list:
     """Per convolution ``(kernel, stride, padding)`` along the rows."""
     return [(m.conv.kernel_size[0], m.conv.stride[0], m.conv.padding[0]) for m in convs]
@@ -155,7 +149,7 @@ class ConvStem(nn.Module):
             # included), and the output map is then already token-major (map_to_tokens is a view, the first
             # block's CPE gets the layout it wants). Not while shapes are symbolic (see tokens_to_map).
             x = x.contiguous(memory_format=torch.channels_last)
-        if _banded(self, x):  # in bands (banded_convs)
+        if lean.chunks_on_cpu(self, x):  # in bands (banded_convs)
             x = banded_convs(x, self.conv)
         else:
             x = self.conv(x)
@@ -180,7 +174,7 @@ class ConvDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> Tuple[torch.Tensor, GridSize]:
         x = pad_to_multiple(tokens_to_map(x, grid_size), 2)
-        if _banded(self, x):  # the 4C' map at the input's resolution, in bands (banded_convs)
+        if lean.chunks_on_cpu(self, x):  # the 4C' map at the input's resolution, in bands (banded_convs)
             x = banded_convs(x, self.conv)
         else:
             x = self.conv(x)

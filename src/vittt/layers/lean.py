@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._capture import symbolic_shapes
 from .switches import set_fast_path
 
-__all__ = ['set_memory_lean', 'DEFAULT_CHUNK_TOKENS', 'CHUNK_ELEMENTS', 'Band', 'bands', 'sample_group']
+__all__ = ['set_memory_lean', 'DEFAULT_CHUNK_TOKENS', 'CHUNK_ELEMENTS', 'Band', 'bands', 'chunks_on_cpu',
+           'sample_group']
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -18,6 +20,13 @@ DEFAULT_CHUNK_TOKENS = 1024
 #: ~0.9 µs per 4 KiB page, which for the 4C-wide activations of a batch costs more than the matmul that fills
 #: them; chunk-sized buffers are recycled by the allocator instead (see :func:`sample_group`).
 CHUNK_ELEMENTS = 1 << 22
+
+
+def chunks_on_cpu(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the CPU inference paths chunk ``module``'s work on ``x``: eval mode, no autograd, concrete shapes and a
+    CPU tensor (the page faults they avoid are the CPU allocator's; a GPU's caching allocator has none, and chunks
+    would only add kernels there)."""
+    return not (module.training or torch.is_grad_enabled() or symbolic_shapes() or x.device.type != 'cpu')
 
 
 def sample_group(batch: int, per_sample: int) -> int:

@@ -11,8 +11,7 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from ..layers.lean import sample_group
-from ..ops._capture import symbolic_shapes
+from ..layers.lean import chunks_on_cpu, sample_group
 
 __all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block', 'vit3_pretrained_cfg', 'create_model',
            'quarter_depth_indices', 'SingleGridMixin']
@@ -107,8 +106,7 @@ def run_block(block: nn.Module, x: torch.Tensor, grid_size, checkpointing: bool)
     batch-sized buffer is page-faulted at every call: ViT³-T at batch 64 runs ~1.3× faster."""
     if checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
         return torch.utils.checkpoint.checkpoint(block, x, grid_size, use_reentrant=False)
-    if not (symbolic_shapes() or torch.is_grad_enabled() or block.training or x.device.type != 'cpu') \
-            and x.shape[0] > 1:  # (sizes read only when concrete)
+    if chunks_on_cpu(block, x) and x.shape[0] > 1:  # (the size is read only when concrete)
         widest = max((m.out_features for m in block.modules() if isinstance(m, nn.Linear)), default=x.shape[-1])
         group = sample_group(x.shape[0], widest * x.shape[1])
         if group < x.shape[0]:

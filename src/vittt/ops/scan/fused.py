@@ -133,30 +133,28 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
     eta = [_flat(x * (root_d / m)) for x, m in zip(_block_views(lr.unsqueeze(-1), size, full), sizes)]  # √d η_j / b
     steps = list(zip(prepared[0][0].unbind(0), prepared[0][1].unbind(0), eta[0].unbind(0)))
     steps += [(xk, c, e) for (xk, c), e in zip(prepared[1:], eta[1:])]
-    keys = []                                                               # [K | 1] per step (causal Q side only)
+    keys = [xk for xk, _ in prepared]                                       # [K | 1] per part (causal Q side)
+    xq = [_flat(_with_ones(x)) for x in _block_views(q, size, full)]       # [Q | 1] per part
 
+    if kind == 'linear':
+        w = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)    # [BH, d + 1, d]
     if kind == 'linear' and not (track or causal):
         # no autograd, every query served by the state after its mini-batch: one state updated in place, and each
         # mini-batch's queries read it right after its step (cache-resident) instead of a stack of all the states
-        w = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)    # [BH, d + 1, d]
-        xq = [_flat(_with_ones(x)) for x in _block_views(q, size, full)]   # [Q | 1]
         zq = [x.new_empty(*x.shape[:-1], d) for x in xq]
         for (xk, c_i, eta_i), x, z in zip(steps, [*xq[0].unbind(0), *xq[1:]], [*zq[0].unbind(0), *zq[1:]]):
             torch.baddbmm(w, xk.transpose(1, 2), grad(torch.bmm(xk, w), c_i, eta_i), alpha=-1, out=w)  # (counted)
             torch.bmm(x, w, out=z)
     elif kind == 'linear':
-        w = torch.cat([_per_sample(state['w'], bsz), _per_sample(state['b'], bsz)], dim=-2)    # [BH, d + 1, d]
         states, grads = _States(w, len(steps), track), []
         for i, (xk, c_i, eta_i) in enumerate(steps):
             g = grad(torch.bmm(xk, w), c_i, eta_i)
             if causal:
-                keys.append(xk)
                 grads.append(g)
             w = states.add(torch.baddbmm(w, xk.transpose(1, 2), g, alpha=-1, out=states.slot(i)))
-        xq = [_flat(_with_ones(x)) for x in _block_views(q, size, full)]   # [Q | 1]
         if causal:
             zq = [x @ w_p - _causal_dual(x, y, g_p, m) for x, y, w_p, g_p, m in
-                  zip(xq, _grouped(keys, full), states.per_part(full, before=True), _grouped(grads, full), sizes)]
+                  zip(xq, keys, states.per_part(full, before=True), _grouped(grads, full), sizes)]
         else:
             zq = [x @ w_p for x, w_p in zip(xq, states.per_part(full))]
     else:
@@ -170,19 +168,17 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
             g2 = grad(torch.baddbmm(b2, x2, w2), c_i, eta_i)
             g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, w2.transpose(1, 2)), z1)  # G2 W2ᵀ ⊙ GELU'(z1), one op
             if causal:
-                keys.append(xk)
                 grads1.append(g1)
                 grads2.append(g2)
                 hidden.append(x2)
             w1 = states[0].add(torch.baddbmm(w1, xk.transpose(1, 2), g1, alpha=-1, out=states[0].slot(i)))
             w2 = states[1].add(torch.baddbmm(w2, x2.transpose(1, 2), g2, alpha=-1, out=states[1].slot(i)))
             b2 = states[2].add(torch.sub(b2, g2.sum(1, keepdim=True), out=states[2].slot(i)))
-        xq = [_flat(_with_ones(x)) for x in _block_views(q, size, full)]
         w1s, w2s, b2s = (st.per_part(full, before=causal) for st in states)
         if causal:
             zq = []
             for x, y, w1_p, w2_p, b2_p, g1_p, g2_p, x2_p, m in zip(
-                    xq, _grouped(keys, full), w1s, w2s, b2s, _grouped(grads1, full), _grouped(grads2, full),
+                    xq, keys, w1s, w2s, b2s, _grouped(grads1, full), _grouped(grads2, full),
                     _grouped(hidden, full), sizes):
                 xq2 = F.gelu(x @ w1_p - _causal_dual(x, y, g1_p, m))
                 zq.append(xq2 @ w2_p + b2_p - _causal_dual(xq2, x2_p, g2_p, m, plus_one=True))
