@@ -183,3 +183,26 @@ def test_bands_only_on_cpu(monkeypatch):
         tokens, grid = stem(torch.empty(2, 3, 32, 32, device='meta'))
         merged, _ = merge(tokens, grid)
     assert tokens.shape == (2, 64, 16) and merged.shape == (2, 16, 32)
+
+
+@pytest.mark.parametrize('budget_rows', [1, 2, 3, 100])
+def test_mlp_bands_by_budget_equal_whole(monkeypatch, budget_rows):
+    """Outside lean mode the MLP's bands follow ``CHUNK_ELEMENTS`` (hidden activations of ``budget_rows`` grid rows
+    of the batch), not ``chunk_tokens``: the same output as one band, for any split, H-ViT³'s conv context included."""
+    import vittt.layers.lean as lean
+    torch.manual_seed(0)
+    block = TTTBlock(16, 2, mlp_dwconv=True).eval()
+    block.chunk_tokens = 1                                   # lean mode's setting: not used here
+    x, grid = torch.randn(2, 35, 16), (7, 5)
+    with torch.no_grad():
+        monkeypatch.setattr(lean, 'CHUNK_ELEMENTS', 1 << 40)
+        whole = block._mlp_in_bands(x, grid)
+        calls = []
+        hook = block.mlp.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+        monkeypatch.setattr(lean, 'CHUNK_ELEMENTS', 2 * 64 * 5 * budget_rows)
+        banded = block._mlp_in_bands(x, grid)
+        hook.remove()
+    rows = min(budget_rows, 7)
+    assert len(calls) == -(-7 // rows)
+    torch.testing.assert_close(banded, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(whole, x + block.mlp(block.norm2(x), grid), atol=1e-6, rtol=1e-6)

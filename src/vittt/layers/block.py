@@ -9,11 +9,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath
 
 from ..ops._capture import symbolic_shapes
+from ..ops.onednn import identity_folded
 from .grid import GridSize, map_to_tokens, tokens_to_map
+from . import lean
 from .lean import DEFAULT_CHUNK_TOKENS, bands
 from .mlp import TokenMlp
 from .ttt import TTTMixer
@@ -22,7 +25,13 @@ __all__ = ['TTTBlock', 'cpe_residual', 'residual']
 
 
 def cpe_residual(cpe: nn.Conv2d, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-    """``x + DWConv3x3(x)`` on the token grid (``x`` is left intact); see :func:`residual`."""
+    """``x + DWConv3x3(x)`` on the token grid (``x`` is left intact); see :func:`residual`. Without autograd one
+    convolution whose kernel holds the identity (:func:`~vittt.ops.onednn.identity_folded`): no second pass for
+    the sum."""
+    if not torch.is_grad_enabled() and not symbolic_shapes():
+        folded = identity_folded(cpe.weight)
+        return map_to_tokens(F.conv2d(tokens_to_map(x, grid_size), folded, cpe.bias, cpe.stride, cpe.padding,
+                                      cpe.dilation, cpe.groups))
     return residual(map_to_tokens(cpe(tokens_to_map(x, grid_size))), x)
 
 
@@ -75,12 +84,19 @@ class TTTBlock(nn.Module):
         return residual(self.drop_path2(self.mlp(self.norm2(x), grid_size)), x)
 
     def _mlp_in_bands(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        """``x + MLP(norm2(x))`` without autograd, in bands of about ``chunk_tokens`` tokens: the MLP is per token
-        (H-ViT³'s convolution needs one row of context), so the 4C-wide hidden activations exist for one band at a
-        time; also faster on CPU (the band's hidden activations stay in cache, no page faults for N × 4C buffers)."""
-        out = torch.empty_like(x)
+        """``x + MLP(norm2(x))`` without autograd, in bands of grid rows: the MLP is per token (H-ViT³'s convolution
+        needs one row of context), so its hidden activations exist for one band at a time. In memory-lean mode the
+        bands have about ``chunk_tokens`` tokens; otherwise as many as keep the band's hidden activations under
+        :data:`~vittt.layers.lean.CHUNK_ELEMENTS` (one band, and no copy, wherever the whole fits: the bands' context
+        rows are work done twice, a quarter more at 1024-token bands on H-ViT³'s 256-wide first stage)."""
         halo = 1 if self.mlp.dwc is not None else 0
-        for band in bands(grid_size, self.chunk_tokens, halo):
+        chunk = self.chunk_tokens if self.memory_lean else \
+            lean.CHUNK_ELEMENTS // max(1, x.shape[0] * self.mlp.fc1.out_features)
+        band_list = bands(grid_size, chunk, halo)
+        if len(band_list) == 1:
+            return self.mlp(self.norm2(x), grid_size).add_(x)
+        out = torch.empty_like(x)
+        for band in band_list:
             hidden = self.mlp(self.norm2(x[:, band.ctx_tokens]), (band.ctx_stop - band.ctx_start, grid_size[1]))
             out[:, band.tokens] = band.center(hidden).add_(x[:, band.tokens])
         return out

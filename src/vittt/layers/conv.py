@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops._capture import symbolic_shapes
+from ..ops.onednn import conv_act
 from . import lean
 from .grid import GridSize, map_to_tokens, pad_to_multiple, tokens_to_map
 
@@ -47,9 +48,10 @@ class ConvNormAct(nn.Module):
             bias = norm.bias - norm.running_mean * scale if bias is None else norm.bias + (bias - norm.running_mean) \
                 * scale
             weight, norm = weight * scale.reshape(-1, 1, 1, 1), None
-        x = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
-        if norm is not None:
-            x = norm(x)
+        if norm is None:  # the ReLU as the convolution's post-op (vittt.ops.onednn), or in place in its output
+            return conv_act(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups,
+                            'relu' if self.act is not None else None)
+        x = norm(F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups))
         return F.relu_(x) if self.act is not None else x
 
 

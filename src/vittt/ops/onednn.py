@@ -1,0 +1,81 @@
+"""Convolutions and linear layers with their activation applied by oneDNN as it writes the output (a *post-op*), for
+inference on CPU.
+
+``torch.ops.mkldnn._linear_pointwise`` / ``_convolution_pointwise`` are the ATen ops Inductor emits for these fusions
+on CPU; they ship with every CPU build of PyTorch that has oneDNN, need no compiler, and have no autograd formula.
+Eager code otherwise writes the layer's output and then runs the activation as a second pass over it (``gelu_``,
+``relu_``): at H-ViT³'s 4C-wide hidden maps that pass costs as much as the depth-wise convolution before it. Every
+function here falls back to exactly that eager pair where the fused op does not apply (autograd on, another device
+or dtype, oneDNN disabled, a graph being captured), so callers need no condition of their own.
+
+:func:`identity_folded` turns ``x + DWConv(x)`` into one depth-wise convolution (the identity is a kernel whose
+centre tap is one), which every backend runs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from ._capture import symbolic_shapes
+
+__all__ = ['post_ops_apply', 'linear_act', 'conv_act', 'identity_folded', 'ACTIVATIONS']
+
+#: activations the fused paths take: name -> (oneDNN post-op, in-place eager form)
+ACTIVATIONS = {
+    'gelu': ('gelu', lambda t, approximate: torch.ops.aten.gelu_(t, approximate=approximate)),
+    'relu': ('relu', lambda t, approximate: F.relu_(t)),
+    None: ('none', lambda t, approximate: t),
+}
+
+
+def post_ops_apply(*tensors: torch.Tensor) -> bool:
+    """Whether oneDNN's fused post-ops run for these operands: no autograd, concrete shapes, float32 CPU tensors,
+    oneDNN available and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns the fused paths off too), and
+    no dispatch mode active (``FlopCounterMode`` and its kin know the plain ops' formulas, not these)."""
+    if torch.is_grad_enabled() or symbolic_shapes() or is_in_torch_dispatch_mode():
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if not torch.backends.mkldnn.enabled:
+        return False
+    return all(t is None or (t.device.type == 'cpu' and t.dtype == torch.float32) for t in tensors)
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: Optional[str] = None,
+               approximate: str = 'none') -> torch.Tensor:
+    """``act(F.linear(x, weight, bias))``; ``act`` one of ``'gelu'`` (``approximate`` as :class:`torch.nn.GELU`),
+    ``'relu'`` or ``None``. Without autograd on float32 CPU tensors one oneDNN matmul with the bias and the
+    activation as post-ops (no separate bias copy, no second pass); otherwise the linear and an in-place
+    activation."""
+    post_op, eager = ACTIVATIONS[act]
+    if post_ops_apply(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], approximate if act == 'gelu' else None)
+    return eager(F.linear(x, weight, bias), approximate)
+
+
+def conv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int] = (1, 1),
+             padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
+             act: Optional[str] = None, approximate: str = 'none') -> torch.Tensor:
+    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups))`` (padding as numbers, not strings), with
+    the activation as oneDNN's post-op where :func:`post_ops_apply` holds (the output in the input's memory format,
+    as ``F.conv2d`` gives it); otherwise the convolution and an in-place activation."""
+    post_op, eager = ACTIVATIONS[act]
+    if post_ops_apply(x, weight, bias):
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(stride), list(dilation),
+                                                       groups, post_op, [], approximate if act == 'gelu' else None)
+    return eager(F.conv2d(x, weight, bias, stride, padding, dilation, groups), approximate)
+
+
+def identity_folded(weight: torch.Tensor) -> torch.Tensor:
+    """The depth-wise kernel ``[C, 1, k, k]`` (odd ``k``) plus the identity: ``DWConv(x; result) = x + DWConv(x;
+    weight)`` for a zero-padded, stride-1 convolution (up to rounding: the centre tap's product is
+    ``(w + 1) x`` instead of ``w x + x``)."""
+    k_h, k_w = weight.shape[-2:]
+    if weight.shape[1] != 1 or not (k_h % 2 and k_w % 2):
+        raise ValueError(f'identity_folded needs a depth-wise kernel [C, 1, k, k] with odd k, got {list(weight.shape)}')
+    folded = weight.clone()
+    folded[:, 0, k_h // 2, k_w // 2] += 1
+    return folded

@@ -1,0 +1,130 @@
+"""oneDNN post-op fusions (``vittt.ops.onednn``): the fused linear / convolution equal the eager layer followed by
+its activation; the fallback runs where the fused ops do not apply; the identity folded into a depth-wise kernel
+equals the residual sum."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from vittt.ops import onednn
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='PyTorch built without oneDNN')
+
+EAGER = {'gelu': F.gelu, 'relu': F.relu, None: lambda t: t}
+
+
+def _gelu_tanh(t):
+    return F.gelu(t, approximate='tanh')
+
+
+@needs_onednn
+@pytest.mark.parametrize('act,approximate', [('gelu', 'none'), ('gelu', 'tanh'), ('relu', 'none'), (None, 'none')])
+@pytest.mark.parametrize('bias', [True, False])
+def test_linear_act_equals_eager(act, approximate, bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 7, 24), torch.randn(40, 24) / 5
+    b = torch.randn(40) if bias else None
+    act_fn = _gelu_tanh if approximate == 'tanh' else EAGER[act]
+    ref = act_fn(F.linear(x, w, b))
+    calls = []
+    with torch.no_grad(), _counting(calls, '_linear_pointwise'):
+        out = onednn.linear_act(x, w, b, act, approximate)
+    assert calls, 'the fused op did not run'
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize('act', ['gelu', 'relu', None])
+@pytest.mark.parametrize('stride,padding,groups', [(1, 1, 1), (2, 1, 1), (1, 1, 16), (2, 0, 16), (1, 0, 1)])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_conv_act_equals_eager(act, stride, padding, groups, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 9, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, 16 // groups, 3, 3) / 4, torch.randn(32)
+    ref = EAGER[act](F.conv2d(x, w, b, stride, padding, 1, groups))
+    calls = []
+    with torch.no_grad(), _counting(calls, '_convolution_pointwise'):
+        out = onednn.conv_act(x, w, b, (stride, stride), (padding, padding), (1, 1), groups, act)
+    assert calls, 'the fused op did not run'
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('case', ['autograd', 'float64', 'disabled', 'meta', 'flop counter'])
+def test_fallback_where_fusion_does_not_apply(case):
+    """With autograd, in float64, with oneDNN disabled, off the CPU or under a dispatch mode (the MAC counter knows
+    the plain ops): the eager layer and activation, exactly."""
+    torch.manual_seed(0)
+    dtype = torch.float64 if case == 'float64' else torch.float32
+    device = 'meta' if case == 'meta' else 'cpu'
+    x = torch.randn(2, 5, 8, dtype=dtype, device=device, requires_grad=case == 'autograd')
+    w, b = torch.randn(6, 8, dtype=dtype, device=device), torch.randn(6, dtype=dtype, device=device)
+    m = torch.randn(2, 8, 5, 5, dtype=dtype, device=device)
+    k = torch.randn(8, 1, 3, 3, dtype=dtype, device=device)
+    calls = []
+    counter = FlopCounterMode(display=False) if case == 'flop counter' else contextlib.nullcontext()
+    with torch.set_grad_enabled(case == 'autograd'), torch.backends.mkldnn.flags(enabled=case != 'disabled'), \
+            _counting(calls, '_linear_pointwise'), _counting(calls, '_convolution_pointwise'), counter:
+        assert not onednn.post_ops_apply(x, w, b)
+        out = onednn.linear_act(x, w, b, 'gelu')
+        conv = onednn.conv_act(m, k, None, (1, 1), (1, 1), (1, 1), 8, 'relu')
+        refs = F.gelu(F.linear(x, w, b)), F.relu(F.conv2d(m, k, None, 1, 1, 1, 8))
+    assert not calls
+    if case == 'flop counter':
+        # the fused calls and the references, counted alike: 2 FLOPs a multiply-add
+        assert counter.get_total_flops() == 2 * 2 * (2 * 5 * 8 * 6 + 2 * 8 * 25 * 9)
+    if case == 'meta':
+        assert out.shape == (2, 5, 6) and conv.shape == (2, 8, 5, 5)
+        return
+    torch.testing.assert_close(out, refs[0], atol=0, rtol=0)
+    torch.testing.assert_close(conv, refs[1], atol=0, rtol=0)
+    if case == 'autograd':
+        out.sum().backward()
+        assert x.grad is not None
+
+
+@pytest.mark.parametrize('kernel', [3, 5])
+def test_identity_folded_is_the_residual(kernel):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    w = torch.randn(6, 1, kernel, kernel, dtype=torch.float64)
+    before = w.clone()
+    folded = onednn.identity_folded(w)
+    torch.testing.assert_close(F.conv2d(x, folded, None, 1, kernel // 2, 1, 6),
+                               x + F.conv2d(x, w, None, 1, kernel // 2, 1, 6))
+    assert torch.equal(w, before)  # the module's kernel is left alone
+
+
+@pytest.mark.parametrize('shape', [(6, 2, 3, 3), (6, 1, 2, 2)])
+def test_identity_folded_rejects_other_kernels(shape):
+    with pytest.raises(ValueError, match=r'depth-wise kernel \[C, 1, k, k\] with odd k'):
+        onednn.identity_folded(torch.zeros(shape))
+
+
+class _counting:
+    """Counts the calls of one ``torch.ops.mkldnn`` op while active."""
+
+    def __init__(self, calls, name):
+        self.calls, self.name = calls, name
+
+    def __enter__(self):
+        self.op = getattr(torch.ops.mkldnn, self.name)
+        calls, op = self.calls, self.op
+
+        class Wrapper:
+            def __call__(self, *args, **kwargs):
+                calls.append(self)
+                return op(*args, **kwargs)
+
+            def __getattr__(self, attr):
+                return getattr(op, attr)
+        setattr(torch.ops.mkldnn, self.name, Wrapper())
+        return self
+
+    def __exit__(self, *exc):
+        setattr(torch.ops.mkldnn, self.name, self.op)
