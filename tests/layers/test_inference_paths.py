@@ -206,3 +206,23 @@ def test_mlp_bands_by_budget_equal_whole(monkeypatch, budget_rows):
     assert len(calls) == -(-7 // rows)
     torch.testing.assert_close(banded, whole, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(whole, x + block.mlp(block.norm2(x), grid), atol=1e-6, rtol=1e-6)
+
+
+def test_rope_in_place_equals_out_of_place():
+    """``inplace=True`` rotates the tensor itself (a view into a projection's output) with the same values; where
+    the pairs sit at odd offsets it returns a new tensor and leaves the input alone."""
+    torch.manual_seed(2)
+    rope = RoPE2d(8)
+    y = torch.randn(2, 6, 3 * 8)
+    expected = rope(y[..., :16].unflatten(-1, (2, 8)), (2, 3))
+    qk = y[..., :16].unflatten(-1, (2, 8))
+    out = rope(qk, (2, 3), inplace=True)
+    assert out.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(y[..., :16].unflatten(-1, (2, 8)), expected, atol=0, rtol=0)
+    z = torch.randn(2, 6, 3 * 8 + 1)
+    odd = z[..., 1:17].unflatten(-1, (2, 8))
+    before = odd.clone()
+    out = rope(odd, (2, 3), inplace=True)
+    assert torch.equal(odd, before) and out.data_ptr() != z.data_ptr()
+    torch.testing.assert_close(out, rope(before, (2, 3)), atol=0, rtol=0)

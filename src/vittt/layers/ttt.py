@@ -23,6 +23,7 @@ from ..ops import InnerLoss
 from .grid import GridSize
 from .inner import DWConvInner, InnerLr, InnerModel, Scale, SwiGLUInner, TokenInner
 from .lean import bands
+from .rope import RoPE2d
 
 __all__ = ['TTTMixer', 'vit3_inner_models']
 
@@ -141,9 +142,11 @@ class TTTMixer(nn.Module):
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
         parts = self.qkv(x).split(self._splits, dim=-1)   # (indexed, not iterated: torch.fx traces indexing)
         outs, i = [], 0
+        # without autograd RoPE2d rotates q and k in the projection's fresh output, which is the mixer's own
+        rope_kwargs = {'inplace': True} if isinstance(self.rope, RoPE2d) and not torch.is_grad_enabled() else {}
         for inner in self.inner:
             if self._rotates(inner):
-                qk = self.rope(parts[i].unflatten(-1, (2, inner.width)), grid_size)
+                qk = self.rope(parts[i].unflatten(-1, (2, inner.width)), grid_size, **rope_kwargs)
                 q, k, v = qk[:, :, 0], qk[:, :, 1], parts[i + 1]
                 i += 2
             else:
