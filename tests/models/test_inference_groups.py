@@ -14,12 +14,18 @@ ARCHS = {
 }
 
 
-def _batch_sizes(model, x, grad=False):
-    """Output and the batch size of every block call."""
+def _batch_sizes(model, x, grad=False, calls=None):
+    """Output and the batch size of every block call (``calls``, if given, collects ``(block name, size)``)."""
     sizes = []
-    blocks = [m for name, m in model.named_modules() if name.count('.') == (3 if 'layers.' in name else 1)
+    blocks = [(name, m) for name, m in model.named_modules() if name.count('.') == (3 if 'layers.' in name else 1)
               and ('blocks.' in name)]
-    hooks = [b.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0])) for b in blocks]
+    hooks = []
+    for name, b in blocks:
+        def hook(m, args, name=name):
+            sizes.append(args[0].shape[0])
+            if calls is not None:
+                calls.append((name, args[0].shape[0]))
+        hooks.append(b.register_forward_pre_hook(hook))
     with torch.set_grad_enabled(grad):
         out = model(x)
     for h in hooks:
@@ -35,14 +41,20 @@ def test_sample_groups_equal_whole_batch(monkeypatch, name):
     monkeypatch.setattr(lean, 'CHUNK_ELEMENTS', 1 << 40)
     whole, whole_sizes = _batch_sizes(model, x)
     assert set(whole_sizes) == {5}
-    # two samples of the first block fit: it runs on groups of 2, 2, 1 (the stem and merges may band too)
+    # two samples of the first blocks fit: they run on groups of 2, 2, 1 (the stem and merges may band too)
     first = model.layers[0].blocks[0] if name == 'hvit3_tiny' else model.blocks[0]
     widest = max(m.out_features for m in first.modules() if isinstance(m, torch.nn.Linear))
     tokens = 16 * 16 if name == 'hvit3_tiny' else 4 * 4
     monkeypatch.setattr(lean, 'CHUNK_ELEMENTS', 2 * widest * tokens)
-    grouped, sizes = _batch_sizes(model, x)
-    assert sizes[:3] == [2, 2, 1]
+    calls = []
+    grouped, sizes = _batch_sizes(model, x, calls=calls)
     torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-5)
+    # the first grid's blocks run group by group: every block on the first group before any on the next
+    first_grid = calls[:3 * ARCHS[name].get('depth', 1)]
+    depth = len(first_grid) // 3
+    assert [size for _, size in first_grid] == [2] * depth + [2] * depth + [1] * depth
+    assert [n for n, _ in first_grid[:depth]] == [n for n, _ in first_grid[depth:2 * depth]]
+    assert len({n for n, _ in first_grid[:depth]}) == depth
 
 
 def test_no_groups_with_autograd_or_in_training(monkeypatch):

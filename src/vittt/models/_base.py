@@ -1,7 +1,7 @@
 """What the ViT³ and H-ViT³ model classes share: input checks, weight init, the classifier head API."""
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.utils.checkpoint
@@ -13,8 +13,8 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ..layers.lean import chunks_on_cpu, sample_group
 
-__all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block', 'vit3_pretrained_cfg', 'create_model',
-           'quarter_depth_indices', 'SingleGridMixin']
+__all__ = ['check_images', 'init_weights', 'ClassifierMixin', 'run_block', 'run_blocks', 'vit3_pretrained_cfg',
+           'create_model', 'quarter_depth_indices', 'SingleGridMixin']
 
 
 def check_images(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
@@ -100,18 +100,36 @@ class ClassifierMixin:
 
 
 def run_block(block: nn.Module, x: torch.Tensor, grid_size, checkpointing: bool) -> torch.Tensor:
-    """``block(x, grid_size)``; in training with ``checkpointing``, recomputed in backward. Eval inference on CPU
-    runs the block over groups of samples (every block computes each sample on its own) whose widest activation (the
-    block's widest linear layer over the tokens) stays under :data:`~vittt.layers.lean.CHUNK_ELEMENTS`, so no
-    batch-sized buffer is page-faulted at every call: ViT³-T at batch 64 runs ~1.3× faster."""
+    """``block(x, grid_size)``, as :func:`run_blocks` runs one block."""
+    return run_blocks([block], x, grid_size, checkpointing)
+
+
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, grid_size, checkpointing: bool) -> torch.Tensor:
+    """The blocks in turn on one token grid, each ``block(x, grid_size)``; in training with ``checkpointing``, each
+    recomputed in backward. Eval inference on CPU runs the whole sequence over groups of samples (every block
+    computes each sample on its own) whose widest activation (the blocks' widest linear layer over the tokens) stays
+    under :data:`~vittt.layers.lean.CHUNK_ELEMENTS`, so no batch-sized buffer is page-faulted at every call (ViT³-T
+    at batch 64 runs ~1.3× faster) and the groups are joined once per sequence, not once per block."""
+    blocks = list(blocks)
     if checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-        return torch.utils.checkpoint.checkpoint(block, x, grid_size, use_reentrant=False)
-    if chunks_on_cpu(block, x) and x.shape[0] > 1:  # (the size is read only when concrete)
-        widest = max((m.out_features for m in block.modules() if isinstance(m, nn.Linear)), default=x.shape[-1])
+        for block in blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, grid_size, use_reentrant=False)
+        return x
+    if x.shape[0] > 1 and blocks and all(chunks_on_cpu(block, x) for block in blocks):  # (sizes read when concrete)
+        widest = max((m.out_features for block in blocks for m in block.modules() if isinstance(m, nn.Linear)),
+                     default=x.shape[-1])
         group = sample_group(x.shape[0], widest * x.shape[1])
         if group < x.shape[0]:
-            return torch.cat([block(x[i:i + group], grid_size) for i in range(0, x.shape[0], group)])
-    return block(x, grid_size)
+            outs = []
+            for i in range(0, x.shape[0], group):
+                part = x[i:i + group]
+                for block in blocks:
+                    part = block(part, grid_size)
+                outs.append(part)
+            return torch.cat(outs)
+    for block in blocks:
+        x = block(x, grid_size)
+    return x
 
 
 def require_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:

@@ -17,7 +17,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import ConvDownsample, ConvStem, GridSize, RoPE2d, TTTBlock, tokens_to_map
-from ._base import ClassifierMixin, check_images, create_model, init_weights, run_block, vit3_pretrained_cfg
+from ._base import ClassifierMixin, check_images, create_model, init_weights, run_blocks, vit3_pretrained_cfg
 
 __all__ = ['HViT3', 'HViT3Stage']
 
@@ -38,9 +38,7 @@ class HViT3Stage(nn.Module):
         self.grad_checkpointing = False
 
     def forward_blocks(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        for block in self.blocks:
-            x = run_block(block, x, grid_size, self.grad_checkpointing)
-        return x
+        return run_blocks(self.blocks, x, grid_size, self.grad_checkpointing)
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> Tuple[torch.Tensor, GridSize]:
         x = self.forward_blocks(x, grid_size)

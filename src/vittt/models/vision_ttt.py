@@ -19,7 +19,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..layers import GridSize, PatchEmbed, VisionTTTMixer
 from ..layers.vision_ttt import TTTInnerState
 from ._base import (ClassifierMixin, SingleGridMixin, check_images, create_model, init_weights, quarter_depth_indices,
-                    run_block, vit3_pretrained_cfg)
+                    run_blocks, vit3_pretrained_cfg)
 
 __all__ = ['VisionTTT', 'VisionTTTBlock']
 
@@ -120,8 +120,7 @@ class VisionTTT(ClassifierMixin, SingleGridMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> normalised tokens ``[B, P + ceil(H/16)·ceil(W/16), C]``."""
         x, grid = self._embed(x)
-        for block in self.blocks:
-            x = run_block(block, x, grid, self.grad_checkpointing)
+        x = run_blocks(self.blocks, x, grid, self.grad_checkpointing)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -16,7 +16,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers import PatchEmbed, TTTBlock, tokens_to_map
 from ._base import (ClassifierMixin, SingleGridMixin, check_images, create_model, init_weights, quarter_depth_indices,
-                    run_block, vit3_pretrained_cfg)
+                    run_blocks, vit3_pretrained_cfg)
 
 __all__ = ['ViT3']
 
@@ -61,8 +61,7 @@ class ViT3(ClassifierMixin, SingleGridMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> normalised features ``[B, C, ceil(H/16), ceil(W/16)]``."""
         x, grid = self._embed(x)
-        for block in self.blocks:
-            x = run_block(block, x, grid, self.grad_checkpointing)
+        x = run_blocks(self.blocks, x, grid, self.grad_checkpointing)
         return tokens_to_map(self.norm(x), grid)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
