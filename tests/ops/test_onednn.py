@@ -128,3 +128,22 @@ class _counting:
 
     def __exit__(self, *exc):
         setattr(torch.ops.mkldnn, self.name, self.op)
+
+
+@needs_onednn
+@pytest.mark.parametrize('layout', ['channels_last rows', 'nchw rows', 'nchw columns'])
+def test_fused_ops_read_strided_views(layout):
+    """Bands of rows (and of columns) of a map are strided views; the fused ops read them as F.conv2d does."""
+    torch.manual_seed(0)
+    m = torch.randn(2, 8, 12, 10)
+    if layout.startswith('channels_last'):
+        m = m.contiguous(memory_format=torch.channels_last)
+    x = m[:, :, 3:9] if layout.endswith('rows') else m[..., 2:7]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(16, 8, 3, 3) / 4, torch.randn(16)
+    with torch.no_grad():
+        out = onednn.conv_act(x, w, b, (1, 1), (1, 1), (1, 1), 1, 'relu')
+        tokens = m.flatten(2).transpose(1, 2)[:, 5:40]            # [B, N, C] rows of a token view
+        lin = onednn.linear_act(tokens[..., 1:7], w[:6, :6, 0, 0], None, 'gelu')
+    torch.testing.assert_close(out, F.relu(F.conv2d(x, w, b, 1, 1)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lin, F.gelu(F.linear(tokens[..., 1:7], w[:6, :6, 0, 0])), atol=1e-5, rtol=1e-5)
