@@ -13,6 +13,8 @@ centre tap is one), which every backend runs.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional, Sequence
 
 import torch
@@ -72,10 +74,22 @@ def conv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 def identity_folded(weight: torch.Tensor) -> torch.Tensor:
     """The depth-wise kernel ``[C, 1, k, k]`` (odd ``k``) plus the identity: ``DWConv(x; result) = x + DWConv(x;
     weight)`` for a zero-padded, stride-1 convolution (up to rounding: the centre tap's product is
-    ``(w + 1) x`` instead of ``w x + x``)."""
+    ``(w + 1) x`` instead of ``w x + x``). One broadcast sum with a cached one-hot kernel (a fresh tensor: the
+    module's kernel is left alone)."""
     k_h, k_w = weight.shape[-2:]
-    if weight.shape[1] != 1 or not (k_h % 2 and k_w % 2):
+    if weight.dim() != 4 or weight.shape[1] != 1 or not (k_h % 2 and k_w % 2):
         raise ValueError(f'identity_folded needs a depth-wise kernel [C, 1, k, k] with odd k, got {list(weight.shape)}')
-    folded = weight.clone()
-    folded[:, 0, k_h // 2, k_w // 2] += 1
-    return folded
+    # (never cache a tensor made under a dispatch mode: a fake or meta tensor would outlive it)
+    tap = _centre_tap if is_in_torch_dispatch_mode() or weight.is_meta else _cached_centre_tap
+    return weight + tap(k_h, k_w, weight.dtype, weight.device)
+
+
+def _centre_tap(k_h: int, k_w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[k_h, k_w]`` zeros with a one at the centre."""
+    with torch.inference_mode(False):  # usable outside inference mode too
+        tap = torch.zeros(k_h, k_w, dtype=dtype, device=device)
+        tap[k_h // 2, k_w // 2] = 1
+    return tap
+
+
+_cached_centre_tap = functools.lru_cache(maxsize=32)(_centre_tap)
