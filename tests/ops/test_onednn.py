@@ -88,6 +88,14 @@ def test_fallback_where_fusion_does_not_apply(case):
         assert x.grad is not None
 
 
+def test_conv_act_padding_string():
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3)
+    with torch.no_grad():
+        out = onednn.conv_act(x, w, None, (1, 1), 'same', (1, 1), 4, 'relu')
+    torch.testing.assert_close(out, F.relu(F.conv2d(x, w, None, 1, 'same', 1, 4)))
+
+
 @pytest.mark.parametrize('kernel', [3, 5])
 def test_identity_folded_is_the_residual(kernel):
     torch.manual_seed(0)

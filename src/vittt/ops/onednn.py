@@ -6,7 +6,8 @@ on CPU; they ship with every CPU build of PyTorch that has oneDNN, need no compi
 Eager code otherwise writes the layer's output and then runs the activation as a second pass over it (``gelu_``,
 ``relu_``): at H-ViT³'s 4C-wide hidden maps that pass costs as much as the depth-wise convolution before it. Every
 function here falls back to exactly that eager pair where the fused op does not apply (autograd on, another device
-or dtype, oneDNN disabled, a graph being captured), so callers need no condition of their own.
+or dtype, oneDNN disabled, a graph being captured, a dispatch mode such as ``FlopCounterMode``), so callers need no
+condition of their own.
 
 :func:`identity_folded` turns ``x + DWConv(x)`` into one depth-wise convolution (the identity is a kernel whose
 centre tap is one), which every backend runs.
@@ -14,7 +15,6 @@ centre tap is one), which every backend runs.
 from __future__ import annotations
 
 import functools
-
 from typing import Optional, Sequence
 
 import torch
@@ -61,11 +61,12 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 def conv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int] = (1, 1),
              padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
              act: Optional[str] = None, approximate: str = 'none') -> torch.Tensor:
-    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups))`` (padding as numbers, not strings), with
-    the activation as oneDNN's post-op where :func:`post_ops_apply` holds (the output in the input's memory format,
-    as ``F.conv2d`` gives it); otherwise the convolution and an in-place activation."""
+    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups))``, with the activation as oneDNN's
+    post-op where :func:`post_ops_apply` holds and the padding is numbers (the output in the input's memory format,
+    as ``F.conv2d`` gives it); otherwise (a padding string such as ``'same'`` included) the convolution and an
+    in-place activation."""
     post_op, eager = ACTIVATIONS[act]
-    if post_ops_apply(x, weight, bias):
+    if not isinstance(padding, str) and post_ops_apply(x, weight, bias):
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(stride), list(dilation),
                                                        groups, post_op, [], approximate if act == 'gelu' else None)
     return eager(F.conv2d(x, weight, bias, stride, padding, dilation, groups), approximate)
