@@ -115,7 +115,8 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, grid_size, checkpoi
         for block in blocks:
             x = torch.utils.checkpoint.checkpoint(block, x, grid_size, use_reentrant=False)
         return x
-    if x.shape[0] > 1 and blocks and all(chunks_on_cpu(block, x) for block in blocks):  # (sizes read when concrete)
+    # (chunks_on_cpu first: it is False while a graph is traced, and only then may the sizes be read)
+    if blocks and all(chunks_on_cpu(block, x) for block in blocks) and x.shape[0] > 1:
         widest = max((m.out_features for block in blocks for m in block.modules() if isinstance(m, nn.Linear)),
                      default=x.shape[-1])
         group = sample_group(x.shape[0], widest * x.shape[1])
