@@ -226,3 +226,17 @@ def test_rope_in_place_equals_out_of_place():
     out = rope(odd, (2, 3), inplace=True)
     assert torch.equal(odd, before) and out.data_ptr() != z.data_ptr()
     torch.testing.assert_close(out, rope(before, (2, 3)), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('cls_token', [False, True])
+def test_vision_ttt_block_inference_path(cls_token):
+    """Vittt's block without autograd (residuals in place, the SwiGLU through oneDNN post-ops) equals the block run
+    with autograd."""
+    from vittt.models.vision_ttt import VisionTTTBlock
+    torch.manual_seed(0)
+    block = VisionTTTBlock(24, 2, num_prefix_tokens=int(cls_token), mixer_kwargs=dict(mini_batch_size=4)).eval()
+    x = torch.randn(2, 20 + int(cls_token), 24, requires_grad=True)
+    ref = block(x, (4, 5))
+    with torch.no_grad():
+        out = block(x, (4, 5))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

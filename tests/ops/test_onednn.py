@@ -12,7 +12,7 @@ from vittt.ops import onednn
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='PyTorch built without oneDNN')
 
-EAGER = {'gelu': F.gelu, 'relu': F.relu, None: lambda t: t}
+EAGER = {'gelu': F.gelu, 'relu': F.relu, 'silu': F.silu, None: lambda t: t}
 
 
 def _gelu_tanh(t):
@@ -20,7 +20,8 @@ def _gelu_tanh(t):
 
 
 @needs_onednn
-@pytest.mark.parametrize('act,approximate', [('gelu', 'none'), ('gelu', 'tanh'), ('relu', 'none'), (None, 'none')])
+@pytest.mark.parametrize('act,approximate', [('gelu', 'none'), ('gelu', 'tanh'), ('relu', 'none'), ('silu', 'none'),
+                                              (None, 'none')])
 @pytest.mark.parametrize('bias', [True, False])
 def test_linear_act_equals_eager(act, approximate, bias):
     torch.manual_seed(0)
@@ -33,6 +34,21 @@ def test_linear_act_equals_eager(act, approximate, bias):
         out = onednn.linear_act(x, w, b, act, approximate)
     assert calls, 'the fused op did not run'
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize('bias', [True, False])
+def test_linear_mul_equals_eager(bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 9, 16), torch.randn(24, 16) / 4
+    b, other = (torch.randn(24) if bias else None), torch.randn(2, 9, 24)
+    calls = []
+    with torch.no_grad(), _counting(calls, '_linear_pointwise'):
+        out = onednn.linear_mul(x, w, b, other)
+        strided = onednn.linear_mul(x, w, b, other.transpose(0, 1).contiguous().transpose(0, 1))  # unfused
+    assert len(calls) == 1
+    torch.testing.assert_close(out, F.linear(x, w, b) * other, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(strided, F.linear(x, w, b) * other, atol=1e-5, rtol=1e-5)
 
 
 @needs_onednn
@@ -115,7 +131,7 @@ def test_identity_folded_rejects_other_kernels(shape):
 
 
 class _counting:
-    """Counts the calls of one ``torch.ops.mkldnn`` op while active."""
+    """Counts the calls of one ``torch.ops.mkldnn`` op (any overload) while active."""
 
     def __init__(self, calls, name):
         self.calls, self.name = calls, name
@@ -129,8 +145,13 @@ class _counting:
                 calls.append(self)
                 return op(*args, **kwargs)
 
-            def __getattr__(self, attr):
-                return getattr(op, attr)
+            def __getattr__(self, attr):  # an overload such as .binary, counted too
+                overload = getattr(op, attr)
+
+                def call(*args, **kwargs):
+                    calls.append(attr)
+                    return overload(*args, **kwargs)
+                return call
         setattr(torch.ops.mkldnn, self.name, Wrapper())
         return self
 

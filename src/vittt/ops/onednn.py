@@ -23,12 +23,13 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ._capture import symbolic_shapes
 
-__all__ = ['post_ops_apply', 'linear_act', 'conv_act', 'identity_folded', 'ACTIVATIONS']
+__all__ = ['post_ops_apply', 'linear_act', 'linear_mul', 'conv_act', 'identity_folded', 'ACTIVATIONS']
 
 #: activations the fused paths take: name -> (oneDNN post-op, in-place eager form)
 ACTIVATIONS = {
     'gelu': ('gelu', lambda t, approximate: torch.ops.aten.gelu_(t, approximate=approximate)),
     'relu': ('relu', lambda t, approximate: F.relu_(t)),
+    'silu': ('swish', lambda t, approximate: F.silu(t, inplace=True)),
     None: ('none', lambda t, approximate: t),
 }
 
@@ -49,13 +50,24 @@ def post_ops_apply(*tensors: torch.Tensor) -> bool:
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: Optional[str] = None,
                approximate: str = 'none') -> torch.Tensor:
     """``act(F.linear(x, weight, bias))``; ``act`` one of ``'gelu'`` (``approximate`` as :class:`torch.nn.GELU`),
-    ``'relu'`` or ``None``. Without autograd on float32 CPU tensors one oneDNN matmul with the bias and the
+    ``'relu'``, ``'silu'`` or ``None``. Without autograd on float32 CPU tensors one oneDNN matmul with the bias and the
     activation as post-ops (no separate bias copy, no second pass); otherwise the linear and an in-place
     activation."""
     post_op, eager = ACTIVATIONS[act]
     if post_ops_apply(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], approximate if act == 'gelu' else None)
     return eager(F.linear(x, weight, bias), approximate)
+
+
+def linear_mul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               other: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias) * other`` (``other`` of the output's shape, e.g. a SwiGLU's activated gate): one
+    oneDNN matmul with the product as a binary post-op where :func:`post_ops_apply` holds and ``other`` is
+    contiguous; otherwise the linear and an in-place product."""
+    if (post_ops_apply(x, weight, bias, other) and other.is_contiguous()
+            and other.shape == (*x.shape[:-1], weight.shape[0])):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, 'mul')
+    return F.linear(x, weight, bias).mul_(other)
 
 
 def conv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int] = (1, 1),
