@@ -24,4 +24,4 @@ $vittt bench --models hvit3_tiny convnext_tiny pvt_v2_b2 --sizes 1024 --batch-si
 # 5. no regression at high resolution and Vittt-T at the paper's 1280²: ViT³-T (and lean) / Vittt-T vs DeiT-T
 $vittt bench --models vit3_tiny vision_ttt_tiny deit_tiny_patch16_224 --sizes 1248 1280 --batch-size 1 --lean \
     --repeats 5 "${common[@]}" --output "$out/highres"
-python3 benchmarks/targets.py --issue 15 "$out"/*/bench.json | tee "$out/targets.md"
+python3 benchmarks/targets.py --issue 15 --plot "$out/targets.png" "$out"/*/bench.json | tee "$out/targets.md"

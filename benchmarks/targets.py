@@ -3,6 +3,7 @@ high resolution) and issue 15 (224² training and throughput, H-ViT³-T vs ConvN
 
     python benchmarks/targets.py results/bench/bench.json [more bench.json ...]
     python benchmarks/targets.py --issue 15 docs/bench/issue15/*/bench.json
+    python benchmarks/targets.py --issue 15 --plot docs/bench/issue15/targets.png docs/bench/issue15/*/bench.json
 
 Every ratio is taken between measurements of the same run (interleaved timing; memory in fresh processes), at the
 batch size the row names.
@@ -87,10 +88,11 @@ def ratio(found, variant: str, baseline: str, mode: str, size: int, quantity: st
     return a['memory']['activation_bytes'] / b['memory']['activation_bytes']
 
 
-def main(paths: List[str], issue: str = '5') -> int:
+def main(paths: List[str], issue: str = '5', plot: Optional[str] = None) -> int:
     found = load(paths)
     print('| target | measured | bound | met |')
     print('| --- | ---: | ---: | --- |')
+    rows = []
     for what, variant, baseline, mode, size, quantity, op, bound, *batch in TARGETS[issue]:
         value = ratio(found, variant, baseline, mode, size, quantity, *batch)
         if value is None:
@@ -99,14 +101,54 @@ def main(paths: List[str], issue: str = '5') -> int:
         met = value <= bound if op == '<=' else value >= bound
         shown = f'{value:.2f}×' if quantity == 'speedup' else f'{value:.3f}'
         print(f'| {what} | {shown} | {op} {bound:g} | {"yes" if met else "**no**"} |')
+        rows.append((what, shown, value / bound if op == '>=' else bound / value))
+    if plot:
+        write_plot(rows, plot, f'issue {issue} targets')
     return 0
+
+
+def write_plot(rows, path: str, title: str) -> None:
+    """Horizontal bars, one per target: how far the measurement is from its bound as a factor (> 1: met), on a log
+    axis so that 2× too slow and 2× better sit at equal distances from the line. Written to a temporary file, then
+    renamed."""
+    import os
+
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    labels = [what for what, _, _ in rows][::-1]
+    margins = [m for _, _, m in rows][::-1]
+    ax.barh(labels, [m - 1 for m in margins], left=1, color=['tab:green' if m >= 1 else 'tab:red' for m in margins])
+    for y, ((_, shown, m)) in enumerate(rows[::-1]):
+        ax.text(m, y, f' {shown} ', va='center', ha='left' if m >= 1 else 'right', fontsize=8)
+    ax.axvline(1, color='black', lw=1)
+    ax.set_xscale('log')
+    ax.set_xlim(min(margins + [1]) / 1.35, max(margins + [1]) * 1.3)    # room for the value labels
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.25, 0.5, 0.75, 1, 1.5, 2, 4]))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel('measured against its bound (> 1: met; log scale)')
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis='y', labelsize=8)
+    fig.tight_layout()
+    tmp = f'{path}.tmp.png'
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 if __name__ == '__main__':
     args = sys.argv[1:]
-    issue = '5'
-    if args[:1] == ['--issue']:
-        issue, args = args[1], args[2:]
+    issue, plot = '5', None
+    while args[:1] in (['--issue'], ['--plot']):
+        if args[0] == '--issue':
+            issue = args[1]
+        else:
+            plot = args[1]
+        args = args[2:]
     if not args or issue not in TARGETS:
         sys.exit(__doc__)
-    sys.exit(main(args, issue))
+    sys.exit(main(args, issue, plot))
