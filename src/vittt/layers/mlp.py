@@ -8,13 +8,10 @@ from torch import nn
 
 from ..ops import gelu_linear
 from ..ops._capture import symbolic_shapes
-from ..ops.onednn import conv_act, identity_folded, linear_act
+from ..ops.onednn import activation_name, conv_act, identity_folded, linear_act
 from .grid import GridSize, map_to_tokens, tokens_to_map
 
 __all__ = ['TokenMlp']
-
-#: activation modules the inference path applies as post-ops (:mod:`vittt.ops.onednn`)
-_ACT_NAMES = {nn.GELU: 'gelu', nn.ReLU: 'relu'}
 
 
 class TokenMlp(nn.Module):
@@ -55,16 +52,11 @@ class TokenMlp(nn.Module):
         (:mod:`vittt.ops.onednn`: a oneDNN post-op on float32 CPU tensors, else in place in the fresh output) and the
         convolution's residual sum folded into its kernel (:func:`~vittt.ops.onednn.identity_folded`), so the hidden
         width is written twice and allocated twice, not four times."""
-        act = _ACT_NAMES.get(type(self.act))
-        if act is None:  # another activation module
-            h = self.act(self.fc1(x))
-            if self.dwc is not None:
-                h = self.act(map_to_tokens(self.dwc(tokens_to_map(h, grid_size))).add_(h))
-            return self.fc2(h)
-        approximate = getattr(self.act, 'approximate', 'none')
-        h = linear_act(x, self.fc1.weight, self.fc1.bias, act, approximate)
+        act, approximate = activation_name(self.act), getattr(self.act, 'approximate', 'none')
+        after = self.act if act is None else (lambda t: t)   # another activation module: applied after the layer
+        h = after(linear_act(x, self.fc1.weight, self.fc1.bias, act, approximate))
         if self.dwc is not None:
             dwc = self.dwc
-            h = map_to_tokens(conv_act(tokens_to_map(h, grid_size), identity_folded(dwc.weight), dwc.bias,
-                                       dwc.stride, dwc.padding, dwc.dilation, dwc.groups, act, approximate))
+            h = after(map_to_tokens(conv_act(tokens_to_map(h, grid_size), identity_folded(dwc.weight), dwc.bias,
+                                             dwc.stride, dwc.padding, dwc.dilation, dwc.groups, act, approximate)))
         return self.fc2(h)

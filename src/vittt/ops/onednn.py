@@ -19,11 +19,13 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ._capture import symbolic_shapes
 
-__all__ = ['post_ops_apply', 'linear_act', 'linear_mul', 'conv_act', 'identity_folded', 'ACTIVATIONS']
+__all__ = ['post_ops_apply', 'activation_name', 'linear_act', 'linear_mul', 'conv_act', 'identity_folded',
+           'ACTIVATIONS']
 
 #: activations the fused paths take: name -> (oneDNN post-op, in-place eager form)
 ACTIVATIONS = {
@@ -32,6 +34,14 @@ ACTIVATIONS = {
     'silu': ('swish', lambda t, approximate: F.silu(t, inplace=True)),
     None: ('none', lambda t, approximate: t),
 }
+
+_MODULES = {nn.GELU: 'gelu', nn.ReLU: 'relu', nn.SiLU: 'silu'}
+
+
+def activation_name(module: nn.Module) -> Optional[str]:
+    """The :data:`ACTIVATIONS` key of an activation module (``nn.GELU``, ``nn.ReLU``, ``nn.SiLU``; subclasses
+    excluded), or None for any other module, which callers apply themselves."""
+    return _MODULES.get(type(module))
 
 
 def post_ops_apply(*tensors: torch.Tensor) -> bool:
