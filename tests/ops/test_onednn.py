@@ -176,3 +176,69 @@ def test_fused_ops_read_strided_views(layout):
         lin = onednn.linear_act(tokens[..., 1:7], w[:6, :6, 0, 0], None, 'gelu')
     torch.testing.assert_close(out, F.relu(F.conv2d(x, w, b, 1, 1)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lin, F.gelu(F.linear(tokens[..., 1:7], w[:6, :6, 0, 0])), atol=1e-5, rtol=1e-5)
+
+
+def _big_linear(out_features=64):
+    """A linear layer and an input whose output is above LINEAR_BIAS_PASS_ELEMENTS (the oneDNN path's size)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, out_features)
+    rows = onednn.LINEAR_BIAS_PASS_ELEMENTS // out_features + 5
+    return layer, torch.randn(1, rows, 32)
+
+
+@needs_onednn
+@pytest.mark.parametrize('act', [None, 'gelu', 'relu'])
+def test_linear_layer_equals_the_module(act):
+    layer, x = _big_linear()
+    small = x[:, :7]                      # a small output without activation stays with F.linear
+    calls = []
+    with torch.no_grad(), _counting(calls, '_linear_pointwise'):
+        out = onednn.linear_layer(layer, x, act)
+        assert len(calls) == 1, 'the oneDNN matmul did not run'
+        out_small = onednn.linear_layer(layer, small, act)
+    assert len(calls) == (1 if act is None else 2)
+    torch.testing.assert_close(out, EAGER[act](layer(x)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_small, EAGER[act](layer(small)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('case', ['own hook', 'pre hook', 'global hook', 'subclass', 'autograd'])
+def test_linear_layer_keeps_what_the_module_does(case):
+    """Hooks see the call, a subclass's forward runs, autograd differentiates the module: no weight-level shortcut."""
+    layer, x = _big_linear()
+    seen, handles = [], []
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, inp):
+            seen.append('forward')
+            return super().forward(inp) * 2
+
+    if case == 'subclass':
+        scaled = Scaled(32, 64)
+        scaled.load_state_dict(layer.state_dict())
+        layer, expected = scaled, lambda t: F.gelu(F.linear(t, scaled.weight, scaled.bias) * 2)
+    else:
+        expected = lambda t: F.gelu(F.linear(t, layer.weight, layer.bias))
+    if case == 'own hook':
+        handles.append(layer.register_forward_hook(lambda m, i, o: seen.append('hook')))
+    elif case == 'pre hook':
+        handles.append(layer.register_forward_pre_hook(lambda m, i: seen.append('hook')))
+    elif case == 'global hook':
+        handles.append(torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append('hook')))
+    try:
+        if case == 'autograd':
+            x.requires_grad_(True)
+            out = onednn.linear_layer(layer, x, 'gelu')
+            out.square().sum().backward()
+            grad, x.grad = x.grad, None
+            expected(x).square().sum().backward()
+            torch.testing.assert_close(grad, x.grad)
+        else:
+            assert not onednn.plain_linear(layer)
+            with torch.no_grad():
+                out = onednn.linear_layer(layer, x, 'gelu')
+            assert seen, 'the module was bypassed'
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(out.detach(), expected(x).detach(), atol=1e-5, rtol=1e-5)
+    assert onednn.plain_linear(torch.nn.Linear(2, 2))

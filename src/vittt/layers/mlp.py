@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ops import gelu_linear
 from ..ops._capture import symbolic_shapes
-from ..ops.onednn import activation_name, conv_act, identity_folded, linear_act
+from ..ops.onednn import activation_name, conv_act, identity_folded, linear_layer
 from .grid import GridSize, map_to_tokens, tokens_to_map
 
 __all__ = ['TokenMlp']
@@ -51,12 +51,13 @@ class TokenMlp(nn.Module):
         """Without autograd (eval): the same function with each activation applied as its layer writes its output
         (:mod:`vittt.ops.onednn`: a oneDNN post-op on float32 CPU tensors, else in place in the fresh output) and the
         convolution's residual sum folded into its kernel (:func:`~vittt.ops.onednn.identity_folded`), so the hidden
-        width is written twice and allocated twice, not four times."""
+        width is written twice and allocated twice, not four times; ``fc2`` with its bias in the oneDNN kernel
+        (:func:`~vittt.ops.onednn.linear_layer`, which also keeps hooked or subclassed layers as they are)."""
         act, approximate = activation_name(self.act), getattr(self.act, 'approximate', 'none')
         after = self.act if act is None else (lambda t: t)   # another activation module: applied after the layer
-        h = after(linear_act(x, self.fc1.weight, self.fc1.bias, act, approximate))
+        h = after(linear_layer(self.fc1, x, act, approximate))
         if self.dwc is not None:
             dwc = self.dwc
             h = after(map_to_tokens(conv_act(tokens_to_map(h, grid_size), identity_folded(dwc.weight), dwc.bias,
                                              dwc.stride, dwc.padding, dwc.dilation, dwc.groups, act, approximate)))
-        return self.fc2(h)
+        return linear_layer(self.fc2, h)

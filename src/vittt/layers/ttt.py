@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import InnerLoss
+from ..ops.onednn import linear_layer
 from .grid import GridSize
 from .inner import DWConvInner, InnerLr, InnerModel, Scale, SwiGLUInner, TokenInner
 from .lean import bands
@@ -140,7 +141,8 @@ class TTTMixer(nn.Module):
         return self.rope is not None and inner.accepts_rope
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        parts = self.qkv(x).split(self._splits, dim=-1)   # (indexed, not iterated: torch.fx traces indexing)
+        # (linear_layer: the module itself under autograd; without, one oneDNN matmul with the bias in the kernel)
+        parts = linear_layer(self.qkv, x).split(self._splits, dim=-1)  # (indexed, not iterated: torch.fx traces it)
         outs, i = [], 0
         # without autograd RoPE2d rotates q and k in the projection's fresh output, which is the mixer's own
         rope_kwargs = {'inplace': True} if isinstance(self.rope, RoPE2d) and not torch.is_grad_enabled() else {}
@@ -155,4 +157,4 @@ class TTTMixer(nn.Module):
             lr_logits = parts[i] if inner.lr_width else None
             i += 1 if inner.lr_width else 0
             outs.append(inner(q, k, v, grid_size, lr_logits) if lr_logits is not None else inner(q, k, v, grid_size))
-        return self.proj(torch.cat(outs, dim=-1))
+        return linear_layer(self.proj, torch.cat(outs, dim=-1))

@@ -16,10 +16,10 @@ from functools import partial
 from typing import Dict, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops.inner import make_inner_function
+from ..ops.onednn import linear_layer
 from ..ops.scan import ttt_scan, ttt_scan_fused
 from ..ops.precision import in_float32
 from .grid import GridSize, map_to_tokens, tokens_to_map
@@ -138,16 +138,17 @@ class VisionTTTMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, grid_size: GridSize, num_prefix: int = 0) -> torch.Tensor:
         b, n, c = x.shape
-        qk = self.qk(x) if hasattr(self, 'qk') else None
-        q = self._conv(self.q_conv, qk if qk is not None else self.q(x), grid_size, num_prefix)
-        k = self._conv(self.k_conv, qk if qk is not None else self.k(x), grid_size, num_prefix)
+        qk = linear_layer(self.qk, x) if hasattr(self, 'qk') else None
+        q = self._conv(self.q_conv, qk if qk is not None else linear_layer(self.q, x), grid_size, num_prefix)
+        k = self._conv(self.k_conv, qk if qk is not None else linear_layer(self.k, x), grid_size, num_prefix)
+        v = linear_layer(self.v, x)
         if self.fused:
-            y = self._fused_scans(x, q, k, self.v(x), grid_size, num_prefix)
+            y = self._fused_scans(x, q, k, v, grid_size, num_prefix)
         else:
             heads = lambda t: t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-            q, k, v = heads(q), heads(k), heads(self.v(x))
+            q, k, v = heads(q), heads(k), heads(v)
             if self.lr_proj is not None:
-                lr = (self.base_lr / self.head_dim) * torch.sigmoid(self.lr_proj(x)).transpose(1, 2)
+                lr = (self.base_lr / self.head_dim) * torch.sigmoid(linear_layer(self.lr_proj, x)).transpose(1, 2)
             else:
                 lr = q.new_full((b, self.num_heads, n), self.base_lr / self.head_dim)
             outs = []
@@ -162,15 +163,15 @@ class VisionTTTMixer(nn.Module):
                     out = torch.empty_like(out).index_copy_(2, index, out)  # back to [prefix, raster] order
                 outs.append(out.transpose(1, 2).reshape(b, n, c))
             if self.merge == 'concat':
-                y = self.merge_proj(torch.cat(outs, dim=-1))
+                y = linear_layer(self.merge_proj, torch.cat(outs, dim=-1))
             else:
                 y = torch.stack(outs).sum(0) if len(outs) > 1 else outs[0]
                 if self.merge == 'mean':
                     y = y / len(outs)
         y = self.post_norm(y)
         if self.gate is not None:
-            y = F.gelu(self.gate(x)) * y
-        return self.proj(y)
+            y = linear_layer(self.gate, x, 'gelu') * y
+        return linear_layer(self.proj, y)
 
     def _fused_scans(self, x, q, k, v, grid_size: GridSize, num_prefix: int) -> torch.Tensor:
         """The scans and their merge with all scans as one batched scan over ``S·B`` samples: sample ``s·B + i`` is
@@ -187,7 +188,7 @@ class VisionTTTMixer(nn.Module):
         # [B, N, h·a] -> [S·B, h, N, a]: each scan's copy of the tokens in its order (a view of token-major rows)
         gather = lambda t: t.reshape(b * n, -1).index_select(0, rows).view(s * b, n, h, -1).transpose(1, 2)
         if self.lr_proj is not None:
-            lr = (self.base_lr / self.head_dim) * torch.sigmoid(self.lr_proj(x))                # [B, N, h]
+            lr = (self.base_lr / self.head_dim) * torch.sigmoid(linear_layer(self.lr_proj, x))  # [B, N, h]
         else:
             lr = q.new_full((b, n, h), self.base_lr / self.head_dim)
         tensors = [self.states[i % len(self.states)].tensors() for i in range(s)]
@@ -199,7 +200,7 @@ class VisionTTTMixer(nn.Module):
         # [S·B, h, N, d] (token-major memory) -> each scan's outputs in [prefix, raster] order, [S, B, N, C]
         out = out.transpose(1, 2).reshape(s * b * n, c).index_select(0, rows_back).view(s, b, n, c)
         if self.merge == 'concat':
-            return self.merge_proj(out.permute(1, 2, 0, 3).reshape(b, n, s * c))                 # = cat(outs, -1)
+            return linear_layer(self.merge_proj, out.permute(1, 2, 0, 3).reshape(b, n, s * c))  # = cat(outs, -1)
         y = out.sum(0) if s > 1 else out[0]
         return y / s if self.merge == 'mean' else y
 

@@ -19,7 +19,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..layers import GridSize, PatchEmbed, VisionTTTMixer, residual
 from ..layers.vision_ttt import TTTInnerState
 from ..ops._capture import symbolic_shapes
-from ..ops.onednn import activation_name, linear_act, linear_mul
+from ..ops.onednn import activation_name, linear_act, linear_layer, linear_mul, plain_linear
 from ._base import (ClassifierMixin, SingleGridMixin, check_images, create_model, init_weights, quarter_depth_indices,
                     run_blocks, vit3_pretrained_cfg)
 
@@ -63,10 +63,10 @@ def _swiglu_inference(mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
     the product as oneDNN post-ops (:mod:`vittt.ops.onednn`; elsewhere in place), so no fresh maps are written for
     them: Vittt-T at 1280², 731 → 705 ms. Same function as the module; other modules run as they are."""
     act = activation_name(getattr(mlp, 'act', None))
-    if type(mlp) is not SwiGLU or act is None:
+    if type(mlp) is not SwiGLU or act is None or not (plain_linear(mlp.fc1_g) and plain_linear(mlp.fc1_x)):
         return mlp(x)
     gate = linear_act(x, mlp.fc1_g.weight, mlp.fc1_g.bias, act, getattr(mlp.act, 'approximate', 'none'))
-    return mlp.fc2(mlp.norm(linear_mul(x, mlp.fc1_x.weight, mlp.fc1_x.bias, gate)))
+    return linear_layer(mlp.fc2, mlp.norm(linear_mul(x, mlp.fc1_x.weight, mlp.fc1_x.bias, gate)))
 
 
 class VisionTTT(ClassifierMixin, SingleGridMixin, nn.Module):

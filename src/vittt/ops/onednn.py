@@ -4,7 +4,10 @@ inference on CPU.
 ``torch.ops.mkldnn._linear_pointwise`` / ``_convolution_pointwise`` are the ATen ops Inductor emits for these fusions
 on CPU; they ship with every CPU build of PyTorch that has oneDNN, need no compiler, and have no autograd formula.
 Eager code otherwise writes the layer's output and then runs the activation as a second pass over it (``gelu_``,
-``relu_``): at H-ViT³'s 4C-wide hidden maps that pass costs as much as the depth-wise convolution before it. Every
+``relu_``): at H-ViT³'s 4C-wide hidden maps that pass costs as much as the depth-wise convolution before it. Even
+without an activation oneDNN's matmul is the faster one in a model: it adds the bias as it writes the output, where
+``F.linear`` first copies the bias into every row of a fresh output and then accumulates into it (a whole extra pass
+over memory no cache holds; :func:`linear_layer`). Every
 function here falls back to exactly that eager pair where the fused op does not apply (autograd on, another device
 or dtype, oneDNN disabled, a graph being captured, a dispatch mode such as ``FlopCounterMode``), so callers need no
 condition of their own.
@@ -24,15 +27,16 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ._capture import symbolic_shapes
 
-__all__ = ['post_ops_apply', 'activation_name', 'linear_act', 'linear_mul', 'conv_act', 'identity_folded',
-           'ACTIVATIONS']
+__all__ = ['post_ops_apply', 'activation_name', 'linear_act', 'linear_mul', 'linear_layer', 'plain_linear',
+           'conv_act', 'identity_folded', 'ACTIVATIONS', 'LINEAR_BIAS_PASS_ELEMENTS']
 
-#: activations the fused paths take: name -> (oneDNN post-op, in-place eager form)
+#: activations the fused paths take: name -> (oneDNN post-op, in-place eager form, out-of-place eager form)
 ACTIVATIONS = {
-    'gelu': ('gelu', lambda t, approximate: torch.ops.aten.gelu_(t, approximate=approximate)),
-    'relu': ('relu', lambda t, approximate: F.relu_(t)),
-    'silu': ('swish', lambda t, approximate: F.silu(t, inplace=True)),
-    None: ('none', lambda t, approximate: t),
+    'gelu': ('gelu', lambda t, approximate: torch.ops.aten.gelu_(t, approximate=approximate),
+             lambda t, approximate: F.gelu(t, approximate=approximate)),
+    'relu': ('relu', lambda t, approximate: F.relu_(t), lambda t, approximate: F.relu(t)),
+    'silu': ('swish', lambda t, approximate: F.silu(t, inplace=True), lambda t, approximate: F.silu(t)),
+    None: ('none', lambda t, approximate: t, lambda t, approximate: t),
 }
 
 _MODULES = {nn.GELU: 'gelu', nn.ReLU: 'relu', nn.SiLU: 'silu'}
@@ -63,7 +67,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     ``'relu'``, ``'silu'`` or ``None``. Without autograd on float32 CPU tensors one oneDNN matmul with the bias and the
     activation as post-ops (no separate bias copy, no second pass); otherwise the linear and an in-place
     activation."""
-    post_op, eager = ACTIVATIONS[act]
+    post_op, eager, _ = ACTIVATIONS[act]
     if post_ops_apply(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], approximate if act == 'gelu' else None)
     return eager(F.linear(x, weight, bias), approximate)
@@ -80,6 +84,35 @@ def linear_mul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return F.linear(x, weight, bias).mul_(other)
 
 
+#: output size (elements) from which :func:`linear_layer` runs an activation-less linear through oneDNN (1 MiB of
+#: float32: below it the output stays in cache and MKL's matmul wins; above it skipping F.linear's bias pass does)
+LINEAR_BIAS_PASS_ELEMENTS = 1 << 18
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether ``module(x)`` is exactly ``F.linear(x, module.weight, module.bias)``: an ``nn.Linear`` itself (not a
+    subclass, which may change ``forward``), with no forward hooks of its own and none registered globally (a
+    feature extractor's or profiler's hook still sees every call). Only then do the fused paths use its weights
+    directly."""
+    from torch.nn.modules import module as _module
+    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks)
+
+
+def linear_layer(module: nn.Module, x: torch.Tensor, act: Optional[str] = None,
+                 approximate: str = 'none') -> torch.Tensor:
+    """``act(module(x))`` for a linear layer (``act`` as in :func:`linear_act`): one oneDNN matmul with the bias
+    (and the activation) as it writes the output where :func:`plain_linear` and :func:`post_ops_apply` hold;
+    otherwise the module itself and the activation out of place, exactly as the plain code (autograd included).
+    Without an activation, outputs under :data:`LINEAR_BIAS_PASS_ELEMENTS` elements stay with ``F.linear``: its bias
+    pass is then a cache-resident write, and MKL's matmul is the faster one at those sizes (ViT³-T at batch 1).
+    In eval at 224², batch 16, this saves ~3 % of H-ViT³-T's forward (docs/benchmarks.md, issue 15)."""
+    if plain_linear(module) and post_ops_apply(x, module.weight, module.bias) and (
+            act is not None or x.numel() // max(1, x.shape[-1]) * module.out_features >= LINEAR_BIAS_PASS_ELEMENTS):
+        return linear_act(x, module.weight, module.bias, act, approximate)
+    return ACTIVATIONS[act][2](module(x), approximate)
+
+
 def conv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int] = (1, 1),
              padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
              act: Optional[str] = None, approximate: str = 'none') -> torch.Tensor:
@@ -87,7 +120,7 @@ def conv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     post-op where :func:`post_ops_apply` holds and the padding is numbers (the output in the input's memory format,
     as ``F.conv2d`` gives it); otherwise (a padding string such as ``'same'`` included) the convolution and an
     in-place activation."""
-    post_op, eager = ACTIVATIONS[act]
+    post_op, eager, _ = ACTIVATIONS[act]
     if not isinstance(padding, str) and post_ops_apply(x, weight, bias):
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(stride), list(dilation),
                                                        groups, post_op, [], approximate if act == 'gelu' else None)
