@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ._capture import symbolic_shapes
@@ -94,9 +95,8 @@ def plain_linear(module: nn.Module) -> bool:
     subclass, which may change ``forward``), with no forward hooks of its own and none registered globally (a
     feature extractor's or profiler's hook still sees every call). Only then do the fused paths use its weights
     directly."""
-    from torch.nn.modules import module as _module
     return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
-            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks)
+            and not _nn_module._global_forward_hooks and not _nn_module._global_forward_pre_hooks)
 
 
 def linear_layer(module: nn.Module, x: torch.Tensor, act: Optional[str] = None,
