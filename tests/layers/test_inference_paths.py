@@ -173,6 +173,33 @@ def test_block_residuals_same_in_training_and_inference():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+class _PlainInner(nn.Module):
+    """An inner model without ``out=`` (a user's own): the mixer copies its result into the projection's input."""
+    width = out_width = 8
+    accepts_rope, lr_width, halo = False, 0, 0
+
+    def forward(self, q, k, v, grid_size, lr_logits=None):
+        return q * torch.sigmoid(k) + v
+
+
+@pytest.mark.parametrize('rope,fused', [(False, True), (True, True), (True, False)])
+def test_mixer_writes_inner_outputs_into_one_buffer(rope, fused):
+    """Without autograd the inner models write into slices of the projection's input: same output as the
+    concatenation under autograd, for the fused SwiGLU (out=), the convolution and a model without out=."""
+    from vittt.layers import TTTMixer, vit3_inner_models
+    torch.manual_seed(0)
+    inner = list(vit3_inner_models(32, 2, 3)) + [_PlainInner()]
+    inner[0].fused = fused                      # the SwiGLU inner model's composable path copies into its slice
+    mixer = TTTMixer(32, rope=RoPE2d(32) if rope else None, inner_models=inner).eval()
+    x = torch.randn(3, 20, 32, requires_grad=True)
+    ref = mixer(x, (4, 5))
+    with torch.no_grad():
+        out = mixer(x, (4, 5))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    ref.sum().backward()
+    assert x.grad is not None
+
+
 def test_bands_only_on_cpu(monkeypatch):
     """Off the CPU (here the meta device, as for a GPU) the stem and merges run whole: the page faults the bands
     avoid are the CPU allocator's."""

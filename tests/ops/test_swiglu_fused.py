@@ -60,3 +60,29 @@ def test_shape_errors_name_the_problem():
         swiglu_ttt_fused(q, q, q, torch.randn(2, 3, 3), scale=1.0)
     with pytest.raises(ValueError, match='one \\[B, N, h, d\\] shape'):
         swiglu_ttt_fused(q, q[:, :3], q, torch.randn(2, 3, 6), scale=1.0)
+
+
+@pytest.mark.parametrize('batch,heads', [(1, 3), (4, 2)])  # batched over heads and over samples
+def test_out_writes_the_result_into_a_strided_slice(batch, heads):
+    """``out=`` (inference): the result lands in a slice of a wider token-major buffer, the rest is untouched."""
+    _, (q, k, v), w1, w2 = _qkv_views(batch, 11, heads, 4, torch.float32, seed=2)
+    w12 = torch.cat([w1, w2], -1)[0].detach()
+    q, k, v = q.detach(), k.detach(), v.detach()
+    expected = swiglu_ttt_fused(q, k, v, w12, scale=1 / 3, inner_lr=0.7)
+    buffer = torch.full((batch, 11, heads * 4 + 3), 7.0)
+    target = buffer[..., 1:1 + heads * 4].unflatten(-1, (heads, 4))
+    with torch.no_grad():
+        out = swiglu_ttt_fused(q, k, v, w12, scale=1 / 3, inner_lr=0.7, out=target)
+    assert out.data_ptr() == target.data_ptr() and out.stride() == target.stride()
+    torch.testing.assert_close(buffer[..., 1:1 + heads * 4], expected.flatten(-2), rtol=0, atol=0)
+    assert (buffer[..., 0] == 7).all() and (buffer[..., -2:] == 7).all()
+
+
+def test_out_is_for_inference_and_checked():
+    qkv, (q, k, v), w1, w2 = _qkv_views(1, 5, 2, 3, torch.float32, seed=0)
+    w12 = torch.cat([w1, w2], -1)[0]
+    with pytest.raises(ValueError, match='out= is for inference'):
+        swiglu_ttt_fused(q, k, v, w12, scale=1.0, out=torch.empty(1, 5, 2, 3))
+    shape_message = r'out must be a torch.float32 tensor of shape \(1, 5, 2, 3\)'
+    with torch.no_grad(), pytest.raises(ValueError, match=shape_message):
+        swiglu_ttt_fused(q, k, v, w12, scale=1.0, out=torch.empty(1, 5, 6))

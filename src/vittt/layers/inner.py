@@ -24,7 +24,7 @@ from ..ops import DotProductLoss, InnerLoss, dwconv_inner_grad, dwconv_per_sampl
 from ..ops.dwconv import dwconv_ttt_fused
 from ..ops.inner import InnerFunction, check_schedule, inner_stats, inner_step, inner_ttt, make_inner_function
 from ..ops._capture import capturing_for_export
-from ..ops.precision import in_float32, upcast
+from ..ops.precision import in_float32, runs_as_is, upcast
 from .grid import GridSize, map_to_tokens, tokens_to_map
 from .lean import Band
 
@@ -216,15 +216,24 @@ class SwiGLUInner(TokenInner):
         return (self.fused and isinstance(self.loss, DotProductLoss) and self.epochs == 1 and self.batches == 1
                 and lr_logits is None and self.stats is None and not capturing_for_export())
 
-    def forward(self, q, k, v, grid_size, lr_logits=None):
+    #: ``forward`` takes ``out=`` (see :meth:`forward`)
+    writes_out = True
+
+    def forward(self, q, k, v, grid_size, lr_logits=None, out: Optional[torch.Tensor] = None):
+        """``out`` (without autograd): a ``[B, N, width]`` tensor (e.g. a slice of the mixer's buffer for all inner
+        models' outputs) that the result is written into and returned as; the fused path writes it directly."""
         if not self._fusable(lr_logits):
-            return self.composed(q, k, v, grid_size, lr_logits)
+            result = self.composed(q, k, v, grid_size, lr_logits)
+            return result if out is None else out.copy_(result)
         b, n, _ = q.shape
         q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim) for t in (q, k, v))
         w12 = torch.cat([self.w1, self.w2], dim=-1)[0]
-        out = in_float32(swiglu_ttt_fused, q, k, v, w12, scale=self.scale, inner_lr=self.inner_lr,
-                         normalize=self.grad_norm)
-        return out.view(b, n, self.width)
+        kwargs = dict(scale=self.scale, inner_lr=self.inner_lr, normalize=self.grad_norm)
+        if out is not None and runs_as_is(q) and out.dtype == q.dtype:
+            swiglu_ttt_fused(q, k, v, w12, out=out.unflatten(-1, (self.num_heads, self.head_dim)), **kwargs)
+            return out
+        result = in_float32(swiglu_ttt_fused, q, k, v, w12, **kwargs).view(b, n, self.width)
+        return result if out is None else out.copy_(result)
 
 
 class DWConvInner(TokenInner):

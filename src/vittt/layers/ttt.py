@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import InnerLoss
+from ..ops._capture import symbolic_shapes
 from ..ops.onednn import linear_layer
 from .grid import GridSize
 from .inner import DWConvInner, InnerLr, InnerModel, Scale, SwiGLUInner, TokenInner
@@ -146,6 +147,11 @@ class TTTMixer(nn.Module):
         outs, i = [], 0
         # without autograd RoPE2d rotates q and k in the projection's fresh output, which is the mixer's own
         rope_kwargs = {'inplace': True} if isinstance(self.rope, RoPE2d) and not torch.is_grad_enabled() else {}
+        # without autograd the inner models' outputs go straight into one buffer, the projection's input (no cat):
+        # those that take out= write into their slice, the others are copied there
+        joined = x.new_empty(*x.shape[:-1], self.proj.in_features) \
+            if not torch.is_grad_enabled() and not symbolic_shapes() else None
+        start = 0
         for inner in self.inner:
             if self._rotates(inner):
                 qk = self.rope(parts[i].unflatten(-1, (2, inner.width)), grid_size, **rope_kwargs)
@@ -156,5 +162,14 @@ class TTTMixer(nn.Module):
                 i += 3
             lr_logits = parts[i] if inner.lr_width else None
             i += 1 if inner.lr_width else 0
-            outs.append(inner(q, k, v, grid_size, lr_logits) if lr_logits is not None else inner(q, k, v, grid_size))
-        return linear_layer(self.proj, torch.cat(outs, dim=-1))
+            kwargs = {} if lr_logits is None else {'lr_logits': lr_logits}
+            if joined is None:
+                outs.append(inner(q, k, v, grid_size, **kwargs))
+                continue
+            target = joined[..., start:start + inner.out_width]
+            start += inner.out_width
+            if getattr(inner, 'writes_out', False):
+                inner(q, k, v, grid_size, out=target, **kwargs)
+            else:
+                target.copy_(inner(q, k, v, grid_size, **kwargs))
+        return linear_layer(self.proj, torch.cat(outs, dim=-1) if joined is None else joined)

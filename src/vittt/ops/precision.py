@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ['in_float32', 'upcast']
+__all__ = ['in_float32', 'runs_as_is', 'upcast']
 
 
 def upcast(x: Any) -> Any:
@@ -24,12 +24,19 @@ def upcast(x: Any) -> Any:
     return x
 
 
+def runs_as_is(q: torch.Tensor) -> bool:
+    """Whether :func:`in_float32` calls its function on ``q`` as it is: float32 or float64, autocast off."""
+    device = q.device.type
+    autocast = torch.amp.is_autocast_available(device)  # not on 'meta' (shape-only counting)
+    return q.dtype in (torch.float32, torch.float64) and not (autocast and torch.is_autocast_enabled(device))
+
+
 def in_float32(fn: Callable[..., torch.Tensor], q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``fn(q, *args, **kwargs)`` with floating tensors (and dicts of them) in float32 and autocast disabled."""
-    dtype, device = q.dtype, q.device.type
-    autocast = torch.amp.is_autocast_available(device)  # not on 'meta' (shape-only counting)
-    if dtype in (torch.float32, torch.float64) and not (autocast and torch.is_autocast_enabled(device)):
+    if runs_as_is(q):
         return fn(q, *args, **kwargs)
+    dtype, device = q.dtype, q.device.type
+    autocast = torch.amp.is_autocast_available(device)
     with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         out = fn(upcast(q), *(upcast(a) for a in args), **{k: upcast(v) for k, v in kwargs.items()})
     return out.to(dtype)

@@ -24,6 +24,8 @@ Backward (the function saves only q, k, v, W and the raw G, and recomputes Z, W'
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -102,7 +104,7 @@ def _key_products(kh: torch.Tensor, vh: torch.Tensor, w12: torch.Tensor) -> torc
 class _SwiGLUTTT(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, w12, c: float, inner_lr: float, normalize: bool):
+    def forward(ctx, q, k, v, w12, c: float, inner_lr: float, normalize: bool, out=None):
         b, n, h, d = q.shape
         s = _Slices(b, h)
         m = _key_products(_heads(k), _heads(v), w12).view(h, b, n, 2 * d)
@@ -112,7 +114,7 @@ class _SwiGLUTTT(torch.autograd.Function):
         del m
         g = torch.cat([g[..., d:], g[..., :d]], dim=-1).mul_(c)  # buffer order was [M2 | M1]
         w_new = inner_step(w12, g, inner_lr, -2, normalize)
-        out = q.new_empty(b, n, h, d)
+        out = q.new_empty(b, n, h, d) if out is None else out
         for i in range(s.count):
             y = torch.bmm(s.tok(q, i), s.mat(w_new, i))
             y1, y2 = y[..., :d], y[..., d:]
@@ -186,18 +188,26 @@ class _SwiGLUTTT(torch.autograd.Function):
         def tokens(t):  # [h, B·N, d] -> [B, N, h, d] view
             return t.view(h, b, n, d).permute(1, 2, 0, 3)
 
-        return (tokens(grad_q.view(h, b * n, d)), tokens(grad_k), tokens(grad_v), grad_w12, None, None, None)
+        return (tokens(grad_q.view(h, b * n, d)), tokens(grad_k), tokens(grad_v), grad_w12, None, None, None, None)
 
 
 def swiglu_ttt_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w12: torch.Tensor, *, scale: float,
-                     inner_lr: float = 1.0, normalize: bool = True) -> torch.Tensor:
+                     inner_lr: float = 1.0, normalize: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dot-product-loss SwiGLU inner step. ``q, k, v [B, N, h, d]`` (any strides, e.g. views of a QKV projection),
-    ``w12 = [W1 | W2]`` ``[h, d, 2d]``; returns ``[B, N, h, d]`` (contiguous)."""
+    ``w12 = [W1 | W2]`` ``[h, d, 2d]``; returns ``[B, N, h, d]`` (contiguous). ``out`` (without autograd only): a
+    ``[B, N, h, d]`` tensor of q's dtype and device, any strides (e.g. a slice of a wider token-major buffer), that
+    the result is written into and returned as."""
     if q.shape != k.shape or q.shape != v.shape or q.ndim != 4:
         raise ValueError(f'q, k, v must share one [B, N, h, d] shape, got {tuple(q.shape)}, {tuple(k.shape)}, '
                          f'{tuple(v.shape)}')
     h, d = q.shape[2:]
     if w12.shape != (h, d, 2 * d):
         raise ValueError(f'w12 must be [h, d, 2d] = {(h, d, 2 * d)}, got {tuple(w12.shape)}')
+    if out is not None:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, w12)):
+            raise ValueError('out= is for inference: q, k, v or w12 requires grad')
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f'out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, got '
+                             f'{out.dtype} {tuple(out.shape)} on {out.device}')
     c = -float(scale) / q.shape[1]
-    return _SwiGLUTTT.apply(q, k, v, w12, c, float(inner_lr), bool(normalize))
+    return _SwiGLUTTT.apply(q, k, v, w12, c, float(inner_lr), bool(normalize), out)
