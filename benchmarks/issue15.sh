@@ -11,7 +11,7 @@ common=(--threads 2 --warmup 1)
 official=(${OFFICIAL:+--official "$OFFICIAL"})
 # 1. ViT³-T vs DeiT-T at 224²: training step (batch 32) and inference throughput (batch 64)
 $vittt bench --models vit3_tiny deit_tiny_patch16_224 --sizes 224 --mode infer train --batch-size 64 \
-    --train-batch-size 32 --repeats 5 "${common[@]}" "${official[@]}" --output "$out/vit3_224"
+    --train-batch-size 32 --repeats 5 --memory-repeats 3 "${common[@]}" "${official[@]}" --output "$out/vit3_224"
 # 2. ViT³-T vs DeiT-T at 224², batch 1 (latency; time only)
 $vittt bench --models vit3_tiny deit_tiny_patch16_224 --sizes 224 --batch-size 1 --repeats 21 --no-memory \
     "${common[@]}" --output "$out/vit3_224_b1"
@@ -22,6 +22,7 @@ $vittt bench --models hvit3_tiny convnext_tiny swin_tiny_patch4_window7_224 pvt_
 $vittt bench --models hvit3_tiny convnext_tiny pvt_v2_b2 --sizes 1024 --batch-size 1 --repeats 5 --no-memory \
     "${common[@]}" --output "$out/hvit3_1024"
 # 5. no regression at high resolution and Vittt-T at the paper's 1280²: ViT³-T (and lean) / Vittt-T vs DeiT-T
+#    (memory: the median of 3 fresh processes per configuration; one reading of DeiT-T's RSS moves by ±20 %)
 $vittt bench --models vit3_tiny vision_ttt_tiny deit_tiny_patch16_224 --sizes 1248 1280 --batch-size 1 --lean \
-    --repeats 5 "${common[@]}" --output "$out/highres"
+    --repeats 5 --memory-repeats 3 "${common[@]}" --output "$out/highres"
 python3 benchmarks/targets.py --issue 15 --plot "$out/targets.png" "$out"/*/bench.json | tee "$out/targets.md"

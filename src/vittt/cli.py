@@ -303,7 +303,8 @@ def cmd_bench(args) -> int:
         models=args.models, sizes=args.sizes, modes=args.mode, dtypes=args.dtype, batch_size=args.batch_size,
         threads=args.threads, repeats=args.repeats, warmup=args.warmup, attn=args.attn, lean=args.lean,
         compile=args.compile, ort='ort' in args.backend, official=args.official,
-        baseline=args.baseline, device=args.device, memory=not args.no_memory, timing=not args.no_time,
+        baseline=args.baseline, device=args.device, memory=not args.no_memory,
+        memory_repeats=args.memory_repeats, timing=not args.no_time,
         train_sizes=args.train_sizes, train_batch_size=args.train_batch_size)
     result = run_bench(settings, command=args.command_line)
     paths = write_outputs(result, args.output)
@@ -430,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'DiT (dit_*), else the first)')
     p.add_argument('--device', default='cpu', help='cpu or cuda (cuda:N)')
     p.add_argument('--no-memory', action='store_true', help='skip peak-memory measurement')
+    p.add_argument('--memory-repeats', type=int, default=1, metavar='N',
+                   help='CPU memory: measure each configuration in N fresh processes and keep the median reading '
+                        '(RSS moves by tens of MiB between processes)')
     p.add_argument('--no-time', action='store_true', help='skip timing (memory only)')
     p.add_argument('--output', default='results/bench', help='folder for bench.json, bench.md, bench.png')
     p.set_defaults(func=cmd_bench)

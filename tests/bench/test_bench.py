@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from vittt.bench import (BenchSettings, build_variants, compute_crossovers, compute_ratios, expand_variants,
+from vittt.bench import (BenchSettings, Variant, build_variants, compute_crossovers, compute_ratios, expand_variants,
                          find_crossover, memory_ratio, parse_model_spec, probe_model, resolve_baseline, speedup)
 from vittt.bench.memory import main as memory_main
 from vittt.bench.workload import Workload, build_model, create_model, make_step
@@ -230,6 +230,29 @@ def test_bench_memory_only(tmp_path):
     assert ratio['variant'] == VIT3 and ratio['speedup'] is None and ratio['memory_ratio'] > 0
     assert 'act. MiB' in (out / 'bench.md').read_text()
     assert (out / 'bench.png').read_bytes()[:8] == PNG_MAGIC
+
+
+def test_memory_repeats_keep_the_median_reading(monkeypatch, tmp_path):
+    """--memory-repeats N: N fresh processes per configuration, the reading with the median activation kept (all
+    recorded); a failed reading is reported as it is, not averaged away."""
+    from vittt.bench import runner
+    readings = iter([dict(activation_bytes=a, total_bytes=a + 100) for a in (30, 10, 20)] +
+                    [dict(activation_bytes=5, total_bytes=9), dict(error='worker exited with code 1')])
+    monkeypatch.setattr(runner, '_memory_in_subprocess', lambda config: next(readings))
+    workload = Workload(Variant(DEIT, parse_model_spec(DEIT)), (32, 32), 'infer', 'fp32', 1)
+    kept = runner._measure_memory(workload, 1, repeats=3)
+    assert kept['activation_bytes'] == 20 and kept['total_bytes'] == 120
+    assert kept['activation_runs_bytes'] == [30, 10, 20]
+    assert runner._measure_memory(workload, 1, repeats=2) == dict(error='worker exited with code 1')
+    with pytest.raises(ValueError, match='--memory-repeats must be at least 1'):
+        BenchSettings(models=[DEIT], sizes=[(32, 32)], memory_repeats=0).validate()
+    out = tmp_path / 'bench'
+    monkeypatch.setattr(runner, '_memory_in_subprocess', lambda config: dict(activation_bytes=7, total_bytes=8))
+    assert main(['bench', '--models', DEIT, '--sizes', '32', '--no-time', '--memory-repeats', '2',
+                 '--output', str(out)]) == 0
+    (entry,) = json.loads((out / 'bench.json').read_text())['measurements']
+    assert entry['memory']['activation_runs_bytes'] == [7, 7]
+    assert 'each of 2 fresh processes' in (out / 'bench.md').read_text()
 
 
 def test_bench_errors(tmp_path, capsys):

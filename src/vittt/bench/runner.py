@@ -53,6 +53,7 @@ class BenchSettings:
     baseline: Optional[str] = None
     device: str = 'cpu'
     memory: bool = True
+    memory_repeats: int = 1                               # fresh processes per memory reading (the median is kept)
     timing: bool = True
     train_sizes: Optional[List[Tuple[int, int]]] = None   # train mode's sizes (default: sizes)
     train_batch_size: Optional[int] = None                # train mode's batch (default: batch_size)
@@ -74,7 +75,7 @@ class BenchSettings:
             raise ValueError('give at least one model and one size')
         for name, value, least in (('batch-size', self.batch_size, 1), ('repeats', self.repeats, 1),
                                    ('train-batch-size', self.train_batch_size or 1, 1),
-                                   ('warmup', self.warmup, 0),
+                                   ('warmup', self.warmup, 0), ('memory-repeats', self.memory_repeats, 1),
                                    ('threads', 1 if self.threads is None else self.threads, 1)):
             if value < least:
                 raise ValueError(f'--{name} must be at least {least}, got {value}')
@@ -249,7 +250,10 @@ def _memory_in_subprocess(config: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def _measure_memory(workload: Workload, threads: int) -> Dict[str, Any]:
+def _measure_memory(workload: Workload, threads: int, repeats: int = 1) -> Dict[str, Any]:
+    """One step's memory; on CPU in ``repeats`` fresh processes, keeping the reading with the median activation
+    (``activation_runs_bytes``: all of them, in order). A CPU reading is RSS, which the allocator's state moves by
+    tens of MiB from process to process; the median of a few is what a bound within a few % can be held to."""
     config = workload.to_config(threads)
     if torch.device(workload.device).type == 'cuda':
         from .memory import measure_memory
@@ -257,7 +261,13 @@ def _measure_memory(workload: Workload, threads: int) -> Dict[str, Any]:
             return measure_memory(config)
         except Exception as e:  # e.g. out of memory: recorded, the sweep goes on
             return dict(error=f'{type(e).__name__}: {e}')
-    return _memory_in_subprocess(config)
+    readings = [_memory_in_subprocess(config) for _ in range(repeats)]
+    valid = [r for r in readings if r.get('activation_bytes') is not None]
+    if len(valid) < len(readings) or repeats == 1:  # an error or a single reading: the first such, as it is
+        return next((r for r in readings if r.get('activation_bytes') is None), readings[0])
+    chosen = dict(sorted(valid, key=lambda r: r['activation_bytes'])[(len(valid) - 1) // 2])
+    chosen['activation_runs_bytes'] = [r['activation_bytes'] for r in valid]
+    return chosen
 
 
 def _count_macs(variant: Variant, size: Tuple[int, int], batch_size: int) -> Optional[int]:
@@ -310,7 +320,7 @@ def _measure_point(workloads: Sequence[Workload], settings: BenchSettings, threa
         if settings.memory and workload.variant.ort:
             entry['memory'] = dict(reason='onnxruntime allocates outside torch: not measured')
         elif settings.memory:
-            memory = entry['memory'] = _measure_memory(workload, threads)
+            memory = entry['memory'] = _measure_memory(workload, threads, settings.memory_repeats)
             if memory.get('activation_bytes') is not None:
                 log(f'[bench] {tag}: {label} activation {memory["activation_bytes"] / 2 ** 20:.1f} MiB, '
                     f'total {memory["total_bytes"] / 2 ** 20:.1f} MiB')
@@ -343,7 +353,10 @@ def _notes(settings: BenchSettings) -> List[str]:
     if settings.memory and cuda:
         notes.append('Memory: peak minus before-step allocations of PyTorch\'s CUDA allocator, one step.')
     elif settings.memory:
-        notes.append('Memory: one step in a fresh process (no warm-up); activation = peak RSS (VmHWM) during the step '
+        notes.append(('Memory: one step in a fresh process' if settings.memory_repeats == 1 else
+                      f'Memory: one step in each of {settings.memory_repeats} fresh processes, the reading with the '
+                      'median activation kept (all in bench.json)')
+                     + ' (no warm-up); activation = peak RSS (VmHWM) during the step '
                      'minus RSS before it minus the library code pages the step faulted in; it includes first-call '
                      'allocations (thread pools, kernel scratch), so small configurations show a floor of a few MiB. '
                      'total = the process\'s peak RSS (interpreter and libraries included). Train steps include the '
