@@ -161,16 +161,21 @@ def test_mlp_inference_path(dwconv):
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
 
 
+def _inference_equals_autograd(module: nn.Module, x: torch.Tensor, grid_size, tol: float) -> None:
+    """``module(x, grid_size)`` without autograd (the inference paths) equals it with autograd, which still
+    differentiates."""
+    out = module(x, grid_size)
+    with torch.no_grad():
+        out_inference = module(x, grid_size)
+    torch.testing.assert_close(out_inference, out, atol=tol, rtol=tol)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_block_residuals_same_in_training_and_inference():
     torch.manual_seed(0)
     block = TTTBlock(32, 2, mlp_dwconv=True, rope=RoPE2d(32)).eval()
-    x = torch.randn(2, 20, 32, requires_grad=True)
-    out = block(x, (4, 5))
-    with torch.no_grad():
-        out_inference = block(x, (4, 5))
-    torch.testing.assert_close(out, out_inference, atol=1e-5, rtol=1e-5)
-    out.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    _inference_equals_autograd(block, torch.randn(2, 20, 32, requires_grad=True), (4, 5), 1e-5)
 
 
 class _PlainInner(nn.Module):
@@ -191,13 +196,7 @@ def test_mixer_writes_inner_outputs_into_one_buffer(rope, fused):
     inner = list(vit3_inner_models(32, 2, 3)) + [_PlainInner()]
     inner[0].fused = fused                      # the SwiGLU inner model's composable path copies into its slice
     mixer = TTTMixer(32, rope=RoPE2d(32) if rope else None, inner_models=inner).eval()
-    x = torch.randn(3, 20, 32, requires_grad=True)
-    ref = mixer(x, (4, 5))
-    with torch.no_grad():
-        out = mixer(x, (4, 5))
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-    ref.sum().backward()
-    assert x.grad is not None
+    _inference_equals_autograd(mixer, torch.randn(3, 20, 32, requires_grad=True), (4, 5), 1e-6)
 
 
 def test_bands_only_on_cpu(monkeypatch):
