@@ -68,10 +68,16 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     ``'relu'``, ``'silu'`` or ``None``. Without autograd on float32 CPU tensors one oneDNN matmul with the bias and the
     activation as post-ops (no separate bias copy, no second pass); otherwise the linear and an in-place
     activation."""
-    post_op, eager, _ = ACTIVATIONS[act]
     if post_ops_apply(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], approximate if act == 'gelu' else None)
-    return eager(F.linear(x, weight, bias), approximate)
+        return _linear_pointwise(x, weight, bias, act, approximate)
+    return ACTIVATIONS[act][1](F.linear(x, weight, bias), approximate)
+
+
+def _linear_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: Optional[str],
+                      approximate: str) -> torch.Tensor:
+    """The fused oneDNN matmul itself (callers have checked :func:`post_ops_apply`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, ACTIVATIONS[act][0], [],
+                                              approximate if act == 'gelu' else None)
 
 
 def linear_mul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -109,7 +115,7 @@ def linear_layer(module: nn.Module, x: torch.Tensor, act: Optional[str] = None,
     In eval at 224², batch 16, this saves ~3 % of H-ViT³-T's forward (docs/benchmarks.md, issue 15)."""
     if plain_linear(module) and post_ops_apply(x, module.weight, module.bias) and (
             act is not None or x.numel() // max(1, x.shape[-1]) * module.out_features >= LINEAR_BIAS_PASS_ELEMENTS):
-        return linear_act(x, module.weight, module.bias, act, approximate)
+        return _linear_pointwise(x, module.weight, module.bias, act, approximate)  # (post_ops_apply checked)
     return ACTIVATIONS[act][2](module(x), approximate)
 
 
