@@ -266,3 +266,76 @@ def test_vision_ttt_block_inference_path(cls_token):
     with torch.no_grad():
         out = block(x, (4, 5))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _scaling_hook(module, inputs, output):
+    """A forward hook that changes the layer's output: a path that bypassed it would compute another function."""
+    return output * 1.5
+
+
+def _stem_and_merge():
+    stem, merge = ConvStem(3, 16), ConvDownsample(16, 32)
+    _randomise_bn(stem)
+    _randomise_bn(merge)
+    return nn.ModuleList([stem, merge]).eval()
+
+
+def _run_stem_and_merge(model, x):
+    return model[1](*model[0](x))[0]
+
+
+@pytest.mark.parametrize('child', ['cpe', 'mlp.dwc', 'mlp.act', 'mlp.fc1', 'attn.qkv', 'global'])
+def test_block_inference_paths_call_hooked_layers(child):
+    """Without autograd a hooked child of the block (CPE, the MLP's convolution, activation and linears, the
+    QKV projection under memory-lean bands) is called as the module: the same output as with autograd, where
+    every module runs; a global hook (here on every ``nn.Conv2d``) likewise."""
+    from vittt.layers import set_memory_lean
+    torch.manual_seed(0)
+    block = TTTBlock(32, 2, mlp_dwconv=True, rope=RoPE2d(32)).eval()
+    set_memory_lean(block, True, chunk_tokens=8)
+    if child == 'global':
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: o * 1.5 if type(m) is nn.Conv2d else None)
+    else:
+        handle = block.get_submodule(child).register_forward_hook(_scaling_hook)
+    try:
+        _inference_equals_autograd(block, torch.randn(2, 20, 32, requires_grad=True), (4, 5), 1e-5)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize('child', ['0.conv.1.conv', '0.conv.1.norm', '0.conv.0.act', '0.conv.2', '0.conv',
+                                   '1.conv.1.conv', '1.conv.2.norm'])
+@pytest.mark.parametrize('budget', [700, 1 << 22])
+def test_conv_inference_paths_call_hooked_layers(monkeypatch, child, budget):
+    """The stem's and merge's folded (BatchNorm into the convolution) and banded inference paths run only on plain,
+    hook-free layers; with a hooked convolution, BatchNorm, ReLU, ConvNormAct or sequence they give the modules'
+    result, in bands or whole."""
+    import vittt.layers.lean as lean_module
+    torch.manual_seed(0)
+    model = _stem_and_merge()
+    model.get_submodule(child).register_forward_hook(_scaling_hook)
+    x = torch.randn(2, 3, 30, 22)
+    ref = _run_stem_and_merge(model, x)                                   # autograd on: every module runs
+    monkeypatch.setattr(lean_module, 'CHUNK_ELEMENTS', budget)
+    with torch.no_grad():
+        out = _run_stem_and_merge(model, x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('child', ['fc2', 'act'])
+def test_mlp_training_path_calls_hooked_layers(child):
+    """The training MLP's memory-saving GELU→fc2 function reads fc2's weights: with a hooked fc2 or GELU the
+    modules run, and the hook's change reaches output and gradient."""
+    torch.manual_seed(0)
+    mlp = TokenMlp(8, 24).train()
+    getattr(mlp, child).register_forward_hook(_scaling_hook)
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    out = mlp(x, (3, 4))
+    a = nn.functional.gelu(mlp.fc1(x)) * (1.5 if child == 'act' else 1.0)
+    ref = nn.functional.linear(a, mlp.fc2.weight, mlp.fc2.bias)
+    ref = ref * (1.5 if child == 'fc2' else 1.0)
+    torch.testing.assert_close(out, ref)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(grad, grad_ref)

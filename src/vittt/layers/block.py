@@ -14,7 +14,7 @@ from torch import nn
 from timm.layers import DropPath
 
 from ..ops._capture import symbolic_shapes
-from ..ops.onednn import identity_folded
+from ..ops.onednn import identity_folded, plain_linear, plain_module
 from .grid import GridSize, map_to_tokens, tokens_to_map
 from . import lean
 from .lean import DEFAULT_CHUNK_TOKENS, bands
@@ -27,8 +27,8 @@ __all__ = ['TTTBlock', 'cpe_residual', 'residual']
 def cpe_residual(cpe: nn.Conv2d, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
     """``x + DWConv3x3(x)`` on the token grid (``x`` is left intact); see :func:`residual`. Without autograd one
     convolution whose kernel holds the identity (:func:`~vittt.ops.onednn.identity_folded`): no second pass for
-    the sum."""
-    if not torch.is_grad_enabled() and not symbolic_shapes():
+    the sum. A hooked or subclassed ``cpe`` is called as the module (:func:`~vittt.ops.onednn.plain_module`)."""
+    if not torch.is_grad_enabled() and not symbolic_shapes() and plain_module(cpe, nn.Conv2d):
         folded = identity_folded(cpe.weight)
         return map_to_tokens(F.conv2d(tokens_to_map(x, grid_size), folded, cpe.bias, cpe.stride, cpe.padding,
                                       cpe.dilation, cpe.groups))
@@ -75,7 +75,8 @@ class TTTBlock(nn.Module):
         # Each residual sum is never formed in ``x``, which the caller may keep (see ``residual``).
         x = cpe_residual(self.cpe, x, grid_size)
         if not torch.is_grad_enabled() and not symbolic_shapes():  # (bands: Python loops over the grid's rows)
-            if self.memory_lean and self.attn.supports_lean():
+            # (the bands read the QKV projection's weights: a hooked or subclassed one runs whole)
+            if self.memory_lean and self.attn.supports_lean() and plain_linear(self.attn.qkv):
                 x += self.attn.forward_lean(x, grid_size, self.norm1, self.chunk_tokens)
             else:
                 x = residual(self.attn(self.norm1(x), grid_size), x)

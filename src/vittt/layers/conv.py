@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops._capture import symbolic_shapes
-from ..ops.onednn import conv_act
+from ..ops.onednn import conv_act, plain_module
 from . import lean
 from .grid import GridSize, map_to_tokens, pad_to_multiple, tokens_to_map
 
@@ -25,8 +25,14 @@ class ConvNormAct(nn.Module):
         self.norm = nn.BatchNorm2d(out_chs) if norm else None
         self.act = nn.ReLU() if act else None
 
+    def plain(self) -> bool:
+        """Whether the children are exactly ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.ReLU`` with no hooks
+        (:func:`~vittt.ops.onednn.plain_module`): only then does inference fold them into one convolution."""
+        return (plain_module(self.conv, nn.Conv2d) and (self.norm is None or plain_module(self.norm, nn.BatchNorm2d))
+                and (self.act is None or plain_module(self.act, nn.ReLU)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and not symbolic_shapes():
+        if not torch.is_grad_enabled() and not symbolic_shapes() and self.plain():
             return self._forward_inference(x)
         x = self.conv(x)
         if self.norm is not None:
@@ -53,6 +59,12 @@ class ConvNormAct(nn.Module):
                             'relu' if self.act is not None else None)
         x = norm(F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups))
         return F.relu_(x) if self.act is not None else x
+
+
+def bandable(convs: nn.Sequential) -> bool:
+    """Whether :func:`banded_convs` may run ``convs`` (it calls each layer's fused inference directly): the
+    sequence and its layers exactly :class:`ConvNormAct` with plain children and no hooks anywhere."""
+    return plain_module(convs, nn.Sequential) and all(plain_module(m, ConvNormAct) and m.plain() for m in convs)
 
 
 def _geometry(convs) -> list:
@@ -151,7 +163,7 @@ class ConvStem(nn.Module):
             # included), and the output map is then already token-major (map_to_tokens is a view, the first
             # block's CPE gets the layout it wants). Not while shapes are symbolic (see tokens_to_map).
             x = x.contiguous(memory_format=torch.channels_last)
-        if lean.chunks_on_cpu(self, x):  # in bands (banded_convs)
+        if lean.chunks_on_cpu(self, x) and bandable(self.conv):  # in bands (banded_convs)
             x = banded_convs(x, self.conv)
         else:
             x = self.conv(x)
@@ -176,7 +188,7 @@ class ConvDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> Tuple[torch.Tensor, GridSize]:
         x = pad_to_multiple(tokens_to_map(x, grid_size), 2)
-        if lean.chunks_on_cpu(self, x):  # the 4C' map at the input's resolution, in bands (banded_convs)
+        if lean.chunks_on_cpu(self, x) and bandable(self.conv):  # the 4C' map at the input's resolution, in bands
             x = banded_convs(x, self.conv)
         else:
             x = self.conv(x)

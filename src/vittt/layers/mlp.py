@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ops import gelu_linear
 from ..ops._capture import symbolic_shapes
-from ..ops.onednn import activation_name, conv_act, identity_folded, linear_layer
+from ..ops.onednn import activation_name, conv_act, identity_folded, linear_layer, plain_linear, plain_module
 from .grid import GridSize, map_to_tokens, tokens_to_map
 
 __all__ = ['TokenMlp']
@@ -39,8 +39,9 @@ class TokenMlp(nn.Module):
         if self.dwc is not None:
             a = self.drop1(self.act(h))
             h = a + map_to_tokens(self.dwc(tokens_to_map(a, grid_size)))
-        if (torch.is_grad_enabled() and type(self.act) is nn.GELU and not dropout_before_fc2
-                and not symbolic_shapes()):  # (the fused function saves memory in training; captured graphs: plain ops)
+        if (torch.is_grad_enabled() and plain_module(self.act, nn.GELU) and plain_linear(self.fc2)
+                and not dropout_before_fc2 and not symbolic_shapes()):
+            # (the fused function saves memory in training; captured graphs, hooked or subclassed layers: plain ops)
             out = gelu_linear(h, self.fc2.weight, self.fc2.bias, self.act.approximate)
         else:
             a = self.act(h)
@@ -52,12 +53,15 @@ class TokenMlp(nn.Module):
         (:mod:`vittt.ops.onednn`: a oneDNN post-op on float32 CPU tensors, else in place in the fresh output) and the
         convolution's residual sum folded into its kernel (:func:`~vittt.ops.onednn.identity_folded`), so the hidden
         width is written twice and allocated twice, not four times; ``fc2`` with its bias in the oneDNN kernel
-        (:func:`~vittt.ops.onednn.linear_layer`, which also keeps hooked or subclassed layers as they are)."""
+        (:func:`~vittt.ops.onednn.linear_layer`). Hooked or subclassed layers are called as modules
+        (:func:`~vittt.ops.onednn.plain_module`)."""
         act, approximate = activation_name(self.act), getattr(self.act, 'approximate', 'none')
         after = self.act if act is None else (lambda t: t)   # another activation module: applied after the layer
         h = after(linear_layer(self.fc1, x, act, approximate))
-        if self.dwc is not None:
-            dwc = self.dwc
+        dwc = self.dwc
+        if dwc is not None and plain_module(dwc, nn.Conv2d):
             h = after(map_to_tokens(conv_act(tokens_to_map(h, grid_size), identity_folded(dwc.weight), dwc.bias,
                                              dwc.stride, dwc.padding, dwc.dilation, dwc.groups, act, approximate)))
+        elif dwc is not None:  # a hooked or subclassed convolution: called as the module
+            h = self.act(h + map_to_tokens(dwc(tokens_to_map(h, grid_size))))
         return linear_layer(self.fc2, h)

@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ._capture import symbolic_shapes
 
-__all__ = ['post_ops_apply', 'activation_name', 'linear_act', 'linear_mul', 'linear_layer', 'plain_linear',
-           'conv_act', 'identity_folded', 'ACTIVATIONS', 'LINEAR_BIAS_PASS_ELEMENTS']
+__all__ = ['post_ops_apply', 'activation_name', 'linear_act', 'linear_mul', 'linear_layer', 'plain_module',
+           'plain_linear', 'conv_act', 'identity_folded', 'ACTIVATIONS', 'LINEAR_BIAS_PASS_ELEMENTS']
 
 #: activations the fused paths take: name -> (oneDNN post-op, in-place eager form, out-of-place eager form)
 ACTIVATIONS = {
@@ -44,9 +44,11 @@ _MODULES = {nn.GELU: 'gelu', nn.ReLU: 'relu', nn.SiLU: 'silu'}
 
 
 def activation_name(module: nn.Module) -> Optional[str]:
-    """The :data:`ACTIVATIONS` key of an activation module (``nn.GELU``, ``nn.ReLU``, ``nn.SiLU``; subclasses
-    excluded), or None for any other module, which callers apply themselves."""
-    return _MODULES.get(type(module))
+    """The :data:`ACTIVATIONS` key of an activation module (``nn.GELU``, ``nn.ReLU``, ``nn.SiLU``; subclasses and
+    hooked modules excluded, see :func:`plain_module`), or None for any other module, which callers apply
+    themselves (as the module)."""
+    name = _MODULES.get(type(module))
+    return name if name is not None and plain_module(module, type(module)) else None
 
 
 def post_ops_apply(*tensors: torch.Tensor) -> bool:
@@ -96,13 +98,19 @@ def linear_mul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 LINEAR_BIAS_PASS_ELEMENTS = 1 << 18
 
 
-def plain_linear(module: nn.Module) -> bool:
-    """Whether ``module(x)`` is exactly ``F.linear(x, module.weight, module.bias)``: an ``nn.Linear`` itself (not a
-    subclass, which may change ``forward``), with no forward hooks of its own and none registered globally (a
-    feature extractor's or profiler's hook still sees every call). Only then do the fused paths use its weights
-    directly."""
-    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+def plain_module(module: Optional[nn.Module], cls: type) -> bool:
+    """Whether ``module`` is exactly a ``cls`` (not a subclass, which may change ``forward``) with no forward hooks
+    of its own and none registered globally, so that calling it is exactly its class's function of its parameters.
+    Only then do the fused paths (here and in :mod:`vittt.layers`) use its weights directly; otherwise they call the
+    module, and a feature extractor's or profiler's hook sees every call."""
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
             and not _nn_module._global_forward_hooks and not _nn_module._global_forward_pre_hooks)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether ``module(x)`` is exactly ``F.linear(x, module.weight, module.bias)`` (:func:`plain_module` for
+    ``nn.Linear``)."""
+    return plain_module(module, nn.Linear)
 
 
 def linear_layer(module: nn.Module, x: torch.Tensor, act: Optional[str] = None,
