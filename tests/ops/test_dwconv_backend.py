@@ -69,3 +69,38 @@ def test_fixture_switches_for_the_test(dwconv_backend):
     assert get_dwconv_backend() == 'grouped'
     dwconv_backend('shifted')
     assert get_dwconv_backend() == 'shifted'
+
+
+@pytest.mark.parametrize('shape,ks', [((1, 3, 5, 7), 3), ((3, 4, 6, 6), 3), ((2, 2, 1, 4), 3), ((2, 5, 9, 8), 5)])
+@pytest.mark.parametrize('padding', [None, (0, 'p')], ids=['whole-map', 'band'])
+@pytest.mark.parametrize('token_major', [True, False], ids=['tokens', 'nchw'])
+def test_windowed_gradient_equals_convolution(monkeypatch, shape, ks, padding, token_major, dwconv_backend):
+    """The grouped backend's kernel gradient for small maps without autograd (strided windows of the padded keys,
+    one product, one sum) equals the grouped convolution's, whole map and band (the band's context rows), on the
+    mixer's token-major views and on NCHW maps; it runs up to WINDOWED_GRAD_ELEMENTS key values and not above."""
+    import vittt.ops.dwconv.composable as composable
+    dwconv_backend('grouped')
+    b, c, h, w = shape
+    g = torch.Generator().manual_seed(h * w + ks)
+    p = ks // 2
+    pad = None if padding is None else (0, p)
+    rows = h if padding is None else h + 2 * p
+    if token_major:
+        k = torch.randn(b, rows, w, 2 * c + 1, generator=g, dtype=torch.float64)[..., 1:c + 1].permute(0, 3, 1, 2)
+    else:
+        k = torch.randn(b, c, rows, w, generator=g, dtype=torch.float64)
+    e = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    calls = []
+    windowed = composable._windowed_inner_grad
+    monkeypatch.setattr(composable, '_windowed_inner_grad', lambda *a: calls.append(1) or windowed(*a))
+    monkeypatch.setattr(composable, 'WINDOWED_GRAD_ELEMENTS', k.numel() - 1)
+    convolution = dwconv_inner_grad(k, e, ks, padding=pad)
+    assert not calls
+    monkeypatch.setattr(composable, 'WINDOWED_GRAD_ELEMENTS', k.numel())
+    out = dwconv_inner_grad(k, e, ks, padding=pad)
+    assert calls and out.shape == (b, c, ks, ks)
+    torch.testing.assert_close(out, convolution, rtol=1e-12, atol=1e-12)
+    calls.clear()
+    with torch.enable_grad():     # under autograd (composable path's backward) the convolution
+        dwconv_inner_grad(k.requires_grad_(), e, ks, padding=pad)
+    assert not calls

@@ -1,5 +1,6 @@
 """The fused 3×3 inner step (hand-written backward) against the autograd reference: outputs and every gradient,
-with the batch folded into conv groups and with the batch-independent shifted products."""
+with the batch folded into conv groups (the kernel gradient as a convolution or, for small maps, as windowed products)
+and with the batch-independent shifted products."""
 import pytest
 import torch
 
@@ -27,9 +28,13 @@ def _maps(batch, channels, height, width, dtype, seed, channels_last):
 @pytest.mark.parametrize('normalize', [True, False], ids=['norm', 'no-norm'])
 @pytest.mark.parametrize('shape,ks', [((1, 3, 5, 7), 3), ((3, 4, 6, 6), 3), ((2, 2, 1, 4), 3), ((2, 5, 9, 8), 5)])
 @pytest.mark.parametrize('channels_last', [True, False], ids=['tokens', 'nchw'])
-@pytest.mark.parametrize('backend', ['grouped', 'shifted'])
-def test_fused_equals_reference(shape, ks, normalize, dtype, channels_last, backend, dwconv_backend):
-    dwconv_backend(backend)
+@pytest.mark.parametrize('backend', ['grouped', 'grouped-conv', 'shifted'])
+def test_fused_equals_reference(monkeypatch, shape, ks, normalize, dtype, channels_last, backend, dwconv_backend):
+    """(``grouped``: these small maps take the windowed kernel gradient; ``grouped-conv``: the convolution.)"""
+    if backend == 'grouped-conv':
+        import vittt.ops.dwconv.composable as composable
+        monkeypatch.setattr(composable, 'WINDOWED_GRAD_ELEMENTS', -1)
+    dwconv_backend(backend.split('-')[0])
     b, c, h, w = shape
     qkv, (q, k, v) = _maps(b, c, h, w, dtype, seed=h * w, channels_last=channels_last)
     weight = (0.3 * torch.randn(c, 1, ks, ks, generator=torch.Generator().manual_seed(2), dtype=dtype)).requires_grad_()
