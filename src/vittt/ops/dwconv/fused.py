@@ -10,15 +10,20 @@ from .composable import dwconv_inner_grad, dwconv_per_sample, stepped_kernel
 __all__ = ['dwconv_ttt_fused']
 
 
+def _forward(q, k, v, weight, c: float, inner_lr: float, normalize: bool):
+    """The step's output and the raw kernel gradient (all the backward needs besides the inputs)."""
+    grad = dwconv_inner_grad(k, v * c, weight.shape[-1])
+    return dwconv_per_sample(q, stepped_kernel(weight, grad, inner_lr, normalize)), grad
+
+
 class _DWConvTTT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, weight, c: float, inner_lr: float, normalize: bool):
-        ks = weight.shape[-1]
-        grad = dwconv_inner_grad(k, v * c, ks)
+        out, grad = _forward(q, k, v, weight, c, inner_lr, normalize)
         ctx.save_for_backward(q, k, v, weight, grad)
         ctx.c, ctx.inner_lr, ctx.normalize = c, inner_lr, normalize
-        return dwconv_per_sample(q, stepped_kernel(weight, grad, inner_lr, normalize))
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -47,4 +52,6 @@ def dwconv_ttt_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: 
             or weight.shape[-1] % 2 != 1:
         raise ValueError(f'weight must be [C, 1, k, k] with C = {channels} and odd k, got {tuple(weight.shape)}')
     c = -float(scale) / (q.shape[-2] * q.shape[-1])
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, weight))):
+        return _forward(q, k, v, weight, c, float(inner_lr), bool(normalize))[0]  # (no autograd Function's call)
     return _DWConvTTT.apply(q, k, v, weight, c, float(inner_lr), bool(normalize))
