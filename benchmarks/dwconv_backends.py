@@ -8,9 +8,9 @@ mixer passes them, this times, interleaved, median of ``--rounds`` calls each:
 
 * ``grouped`` / ``shifted``: :func:`vittt.ops.dwconv_per_sample` (the per-sample kernel applied to the queries) and
   :func:`vittt.ops.dwconv_inner_grad` (the kernel gradient) under each :func:`vittt.ops.dwconv_backend`, the grouped
-  gradient always as the convolution;
-* ``windowed``: the gradient's form for small maps without autograd (the grouped backend takes it up to
-  :data:`vittt.ops.dwconv.composable.WINDOWED_GRAD_ELEMENTS` key values);
+  one always as the convolution;
+* ``windowed``: both ops' form for small maps without autograd (the grouped backend takes it up to
+  :data:`vittt.ops.dwconv.composable.WINDOWED_ELEMENTS` / ``WINDOWED_APPLY_ELEMENTS`` values);
 * ``im2col``: the other batch-independent formulation, ``F.unfold`` + one batched matmul over (sample, channel),
   which is not in the library because it is slower still on this CPU.
 
@@ -45,15 +45,19 @@ def _im2col_grad(k, e):
 
 
 def _with_backend(name, fn, windowed_elements=None):
-    """``fn`` under the dwconv backend ``name`` (and, if given, the windowed gradient's size limit)."""
+    """``fn`` under the dwconv backend ``name`` (and, if given, both windowed forms' size limit)."""
+    names = ('WINDOWED_ELEMENTS', 'WINDOWED_APPLY_ELEMENTS')
+
     def run(*args):
-        limit = composable.WINDOWED_GRAD_ELEMENTS
-        composable.WINDOWED_GRAD_ELEMENTS = limit if windowed_elements is None else windowed_elements
+        limits = [getattr(composable, n) for n in names]
+        for n, limit in zip(names, limits):
+            setattr(composable, n, limit if windowed_elements is None else windowed_elements)
         try:
             with dwconv_backend(name):
                 return fn(*args)
         finally:
-            composable.WINDOWED_GRAD_ELEMENTS = limit
+            for n, limit in zip(names, limits):
+                setattr(composable, n, limit)
     return run
 
 
@@ -80,7 +84,8 @@ def main() -> None:
         x, e = _token_major(shape, g)
         weight = torch.randn(shape[0], shape[1], 3, 3, generator=g)
         ops = {
-            'apply': {'grouped': _with_backend('grouped', dwconv_per_sample),
+            'apply': {'grouped': _with_backend('grouped', dwconv_per_sample, windowed_elements=-1),
+                      'windowed': _with_backend('grouped', dwconv_per_sample, windowed_elements=1 << 62),
                       'shifted': _with_backend('shifted', dwconv_per_sample), 'im2col': _im2col_apply},
             'gradient': {'grouped': _with_backend('grouped', grad, windowed_elements=-1),
                          'windowed': _with_backend('grouped', grad, windowed_elements=1 << 62),
@@ -102,8 +107,7 @@ def main() -> None:
                         fn(x, operand)
                         times[name].append(time.perf_counter() - start)
             med = {name: statistics.median(t) * 1e6 for name, t in times.items()}
-            windowed = f'{med["windowed"]:.0f}' if 'windowed' in med else '—'
-            print(f'| {list(shape)} | {op} | {med["grouped"]:.0f} | {windowed} | {med["shifted"]:.0f} | '
+            print(f'| {list(shape)} | {op} | {med["grouped"]:.0f} | {med["windowed"]:.0f} | {med["shifted"]:.0f} | '
                   f'{med["im2col"]:.0f} | {med["shifted"] / med["grouped"]:.1f}× |')
 
 

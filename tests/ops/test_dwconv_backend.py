@@ -1,5 +1,6 @@
-"""The two ways of running per-sample depth-wise convolutions (batch folded into conv groups; batch-independent
-shifted products) give the same numbers, including the memory-lean mode's row bands, and the switch's errors."""
+"""The ways of running per-sample depth-wise convolutions (batch folded into conv groups, windowed products for
+small maps; batch-independent shifted products) give the same numbers, including the memory-lean mode's row bands,
+and the switch's errors."""
 import pytest
 import torch
 
@@ -74,10 +75,12 @@ def test_fixture_switches_for_the_test(dwconv_backend):
 @pytest.mark.parametrize('shape,ks', [((1, 3, 5, 7), 3), ((3, 4, 6, 6), 3), ((2, 2, 1, 4), 3), ((2, 5, 9, 8), 5)])
 @pytest.mark.parametrize('padding', [None, (0, 'p')], ids=['whole-map', 'band'])
 @pytest.mark.parametrize('token_major', [True, False], ids=['tokens', 'nchw'])
-def test_windowed_gradient_equals_convolution(monkeypatch, shape, ks, padding, token_major, dwconv_backend):
-    """The grouped backend's kernel gradient for small maps without autograd (strided windows of the padded keys,
-    one product, one sum) equals the grouped convolution's, whole map and band (the band's context rows), on the
-    mixer's token-major views and on NCHW maps; it runs up to WINDOWED_GRAD_ELEMENTS key values and not above."""
+@pytest.mark.parametrize('op', ['gradient', 'apply'])
+def test_windowed_equals_convolution(monkeypatch, shape, ks, padding, token_major, op, dwconv_backend):
+    """The grouped backend's form for small maps without autograd (strided windows of the padded map, one product,
+    one sum) equals the grouped convolution, for the kernel gradient and the per-sample kernel's application, whole
+    map and band (the band's context rows), on the mixer's token-major views and on NCHW maps. It runs up to its
+    size limit and not above, and never under autograd."""
     import vittt.ops.dwconv.composable as composable
     dwconv_backend('grouped')
     b, c, h, w = shape
@@ -86,21 +89,25 @@ def test_windowed_gradient_equals_convolution(monkeypatch, shape, ks, padding, t
     pad = None if padding is None else (0, p)
     rows = h if padding is None else h + 2 * p
     if token_major:
-        k = torch.randn(b, rows, w, 2 * c + 1, generator=g, dtype=torch.float64)[..., 1:c + 1].permute(0, 3, 1, 2)
+        x = torch.randn(b, rows, w, 2 * c + 1, generator=g, dtype=torch.float64)[..., 1:c + 1].permute(0, 3, 1, 2)
     else:
-        k = torch.randn(b, c, rows, w, generator=g, dtype=torch.float64)
-    e = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+        x = torch.randn(b, c, rows, w, generator=g, dtype=torch.float64)
+    other = torch.randn(*((b, c, h, w) if op == 'gradient' else (b, c, ks, ks)), generator=g, dtype=torch.float64)
+    fn, windowed_name, limit = ((dwconv_inner_grad, '_windowed_inner_grad', 'WINDOWED_ELEMENTS') if op == 'gradient'
+                                else (dwconv_per_sample, '_windowed_per_sample', 'WINDOWED_APPLY_ELEMENTS'))
+    run = (lambda: fn(x, other, ks, padding=pad)) if op == 'gradient' else (lambda: fn(x, other, padding=pad))
     calls = []
-    windowed = composable._windowed_inner_grad
-    monkeypatch.setattr(composable, '_windowed_inner_grad', lambda *a: calls.append(1) or windowed(*a))
-    monkeypatch.setattr(composable, 'WINDOWED_GRAD_ELEMENTS', k.numel() - 1)
-    convolution = dwconv_inner_grad(k, e, ks, padding=pad)
+    windowed = getattr(composable, windowed_name)
+    monkeypatch.setattr(composable, windowed_name, lambda *a: calls.append(1) or windowed(*a))
+    monkeypatch.setattr(composable, limit, x.numel() - 1)
+    convolution = run()
     assert not calls
-    monkeypatch.setattr(composable, 'WINDOWED_GRAD_ELEMENTS', k.numel())
-    out = dwconv_inner_grad(k, e, ks, padding=pad)
-    assert calls and out.shape == (b, c, ks, ks)
+    monkeypatch.setattr(composable, limit, x.numel())
+    out = run()
+    assert calls and out.shape == convolution.shape == ((b, c, ks, ks) if op == 'gradient' else (b, c, h, w))
     torch.testing.assert_close(out, convolution, rtol=1e-12, atol=1e-12)
     calls.clear()
-    with torch.enable_grad():     # under autograd (composable path's backward) the convolution
-        dwconv_inner_grad(k.requires_grad_(), e, ks, padding=pad)
+    with torch.enable_grad():     # under autograd (the composable path's backward) the convolution
+        x.requires_grad_()
+        run()
     assert not calls

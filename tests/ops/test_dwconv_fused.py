@@ -1,5 +1,5 @@
 """The fused 3×3 inner step (hand-written backward) against the autograd reference: outputs and every gradient,
-with the batch folded into conv groups (the kernel gradient as a convolution or, for small maps, as windowed products)
+with the batch folded into conv groups (as convolutions or, for small maps, as windowed products)
 and with the batch-independent shifted products."""
 import pytest
 import torch
@@ -30,10 +30,11 @@ def _maps(batch, channels, height, width, dtype, seed, channels_last):
 @pytest.mark.parametrize('channels_last', [True, False], ids=['tokens', 'nchw'])
 @pytest.mark.parametrize('backend', ['grouped', 'grouped-conv', 'shifted'])
 def test_fused_equals_reference(monkeypatch, shape, ks, normalize, dtype, channels_last, backend, dwconv_backend):
-    """(``grouped``: these small maps take the windowed kernel gradient; ``grouped-conv``: the convolution.)"""
+    """(``grouped``: these small maps take the windowed forms; ``grouped-conv``: the convolutions.)"""
     if backend == 'grouped-conv':
         import vittt.ops.dwconv.composable as composable
-        monkeypatch.setattr(composable, 'WINDOWED_GRAD_ELEMENTS', -1)
+        monkeypatch.setattr(composable, 'WINDOWED_ELEMENTS', -1)
+        monkeypatch.setattr(composable, 'WINDOWED_APPLY_ELEMENTS', -1)
     dwconv_backend(backend.split('-')[0])
     b, c, h, w = shape
     qkv, (q, k, v) = _maps(b, c, h, w, dtype, seed=h * w, channels_last=channels_last)

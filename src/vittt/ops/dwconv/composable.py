@@ -8,10 +8,11 @@ loss), the kernel gradient is the cross-correlation of the padded keys with E::
     g[b, c, i, j] = sum_{y, x} K_pad[b, c, y + i, x + j] · E[b, c, y, x]
 
 computed as one grouped convolution whose kernel is E itself (faster on CPU than k² shifted products, see below).
-Small maps without autograd (at most :data:`WINDOWED_GRAD_ELEMENTS` key values, e.g. ViT³-T at 224², batch ≤ 16)
-take the windowed form instead: the k² shifted windows of the padded token-major keys as one strided view, one
-product with E into a fresh buffer and one sum over the tokens. A convolution whose kernel is the whole map costs
-oneDNN more than the arithmetic there (ViT³-T at batch 1: 84 → 44 µs a call, 12 calls a forward).
+Small maps without autograd (at most :data:`WINDOWED_ELEMENTS` values, e.g. ViT³-T at 224², batch ≤ 16) take the
+windowed form instead, for the gradient and for the per-sample kernel's application: the k² shifted windows of the
+padded token-major map as one strided view, one product (with E, or with the taps) into a fresh buffer and one sum
+(over the tokens, or over the taps). oneDNN's fixed cost is more than the arithmetic there, most of all for a
+convolution whose kernel is the whole map (ViT³-T at batch 1: 84 → 44 µs a gradient, 12 a forward).
 
 **Batch folding.** Every sample has its own kernel, so with B > 1 both convolutions fold the batch into the conv
 groups (``groups = B·C`` on a ``[1, B·C, H, W]`` view). On this CPU that is 1.2-2.7× faster than the best
@@ -50,7 +51,7 @@ from ..loss import InnerLoss
 from ..normalize import inner_step
 
 __all__ = ['DWCONV_BACKENDS', 'dwconv_backend', 'dwconv_inner_grad', 'dwconv_per_sample', 'dwconv_ttt',
-           'get_dwconv_backend', 'stepped_kernel', 'WINDOWED_GRAD_ELEMENTS']
+           'get_dwconv_backend', 'stepped_kernel', 'WINDOWED_ELEMENTS', 'WINDOWED_APPLY_ELEMENTS']
 
 DWCONV_BACKENDS = ('auto', 'grouped', 'shifted')
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar('vittt_dwconv_backend', default='auto')
@@ -99,26 +100,50 @@ def _pair(padding) -> tuple:
 
 
 #: the largest keys map (values, ``B·C·H·W``) whose kernel gradient :func:`dwconv_inner_grad` computes in the windowed
-#: form without autograd. ``python benchmarks/dwconv_backends.py`` on this CPU: the windowed form is 1.2-2× faster up
-#: to 1 × 32 × 56² (100 k values), the grouped convolution 1.1-1.3× faster from 195 k (1 × 32 × 78², 32 × 32 × 14²)
-WINDOWED_GRAD_ELEMENTS = 1 << 17
+#: form without autograd. ``python benchmarks/dwconv_backends.py`` on this CPU: the windowed gradient is 1.2-2×
+#: faster than the grouped convolution up to 1 × 32 × 56² (100 k values), the convolution 1.1-1.3× faster from 195 k
+#: (1 × 32 × 78², 32 × 32 × 14²)
+WINDOWED_ELEMENTS = 1 << 17
+#: the same for :func:`dwconv_per_sample`'s map. In isolation (warm caches) the convolution is faster at every size;
+#: inside ViT³-T at batch 1 (a cold kernel, 12 calls) the windowed form saves 0.4 ms of 17.7 (in-model A/B, issue 15),
+#: at batch 4 and in H-ViT³-T nothing: so only the smallest maps
+WINDOWED_APPLY_ELEMENTS = 1 << 13
+
+
+def _windowed(x: torch.Tensor, kernel_size: int, padding, height: int, width: int) -> torch.Tensor:
+    """The ``kernel_size``² shifted windows of the zero-padded map ``x [B, C, H, W]``, taken token-major (channels
+    last, where the mixer's maps already are), as one strided view ``[B, k, k, height, width, C]``."""
+    ph, pw = _pair(padding)
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))             # [B, H + 2ph, W + 2pw, C]
+    s_b, s_h, s_w, s_c = padded.stride()
+    return padded.as_strided((x.shape[0], kernel_size, kernel_size, height, width, x.shape[1]),
+                             (s_b, s_h, s_w, s_h, s_w, s_c), padded.storage_offset())
 
 
 def _windowed_inner_grad(k: torch.Tensor, e: torch.Tensor, kernel_size: int, padding) -> torch.Tensor:
-    """The kernel gradient from the ``kernel_size``² shifted windows of the zero-padded keys, taken token-major
-    (channels last, where the mixer's keys already are) as one strided view: one product with ``e`` into a fresh
-    contiguous buffer, one sum over the tokens (fast: contiguous rows of channels)."""
-    ph, pw = _pair(padding)
-    b, c = k.shape[:2]
-    h, w = e.shape[-2:]
-    padded = F.pad(k.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))             # [B, H + 2ph, W + 2pw, C]
-    s_b, s_h, s_w, s_c = padded.stride()
-    windows = padded.as_strided((b, kernel_size, kernel_size, h, w, c), (s_b, s_h, s_w, s_h, s_w, s_c),
-                                padded.storage_offset())
-    products = padded.new_empty(b, kernel_size, kernel_size, h, w, c)
-    torch.mul(windows, e.permute(0, 2, 3, 1)[:, None, None], out=products)
+    """The kernel gradient as one product of the keys' windows with ``e`` into a fresh contiguous buffer and one
+    sum over the tokens (contiguous rows of channels)."""
+    b, c, h, w = e.shape
+    products = e.new_empty(b, kernel_size, kernel_size, h, w, c)
+    torch.mul(_windowed(k, kernel_size, padding, h, w), e.permute(0, 2, 3, 1)[:, None, None], out=products)
     return products.view(b, kernel_size * kernel_size, h * w, c).sum(2).view(b, kernel_size, kernel_size, c) \
         .permute(0, 3, 1, 2)
+
+
+def _windowed_per_sample(x: torch.Tensor, weight: torch.Tensor, padding) -> torch.Tensor:
+    """The per-sample convolution as one product of the windows with the taps and one sum over the taps; the
+    output is channels-last (a token-major map, as the mixer wants it)."""
+    b, c, ks = x.shape[0], x.shape[1], weight.shape[-1]
+    ph, pw = _pair(padding)
+    h, w = x.shape[2] + 2 * ph - ks + 1, x.shape[3] + 2 * pw - ks + 1
+    products = x.new_empty(b, ks, ks, h, w, c)
+    torch.mul(_windowed(x, ks, padding, h, w), weight.permute(0, 2, 3, 1)[:, :, :, None, None], out=products)
+    return products.view(b, ks * ks, h, w, c).sum(1).permute(0, 3, 1, 2)
+
+
+def _runs_windowed(limit: int, *tensors: torch.Tensor) -> bool:
+    """Small maps (at most ``limit`` values) without autograd."""
+    return tensors[0].numel() <= limit and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _shifted_per_sample(x: torch.Tensor, weight: torch.Tensor, padding) -> torch.Tensor:
@@ -147,7 +172,7 @@ def dwconv_inner_grad(k: torch.Tensor, e: torch.Tensor, kernel_size: int, paddin
     padding = kernel_size // 2 if padding is None else padding
     if not _folds_batch():
         return _shifted_inner_grad(k, e, kernel_size, padding)
-    if k.numel() <= WINDOWED_GRAD_ELEMENTS and not (torch.is_grad_enabled() and (k.requires_grad or e.requires_grad)):
+    if _runs_windowed(WINDOWED_ELEMENTS, k, e):
         return _windowed_inner_grad(k, e, kernel_size, padding)
     b, c, hk, w = k.shape
     grad = F.conv2d(k.reshape(1, b * c, hk, w), e.reshape(b * c, 1, e.shape[-2], e.shape[-1]), padding=padding,
@@ -162,6 +187,8 @@ def dwconv_per_sample(x: torch.Tensor, weight: torch.Tensor, padding=None) -> to
     padding = ks // 2 if padding is None else padding
     if not _folds_batch():
         return _shifted_per_sample(x, weight, padding)
+    if _runs_windowed(WINDOWED_APPLY_ELEMENTS, x, weight):
+        return _windowed_per_sample(x, weight, padding)
     b, c, h, w = x.shape
     if b == 1:  # one sample: a plain depth-wise convolution (keeps a channels-last input channels-last)
         return F.conv2d(x, weight.reshape(c, 1, ks, ks), padding=padding, groups=c)
