@@ -29,8 +29,12 @@ def l2_norm(grad: torch.Tensor, dims: Union[int, Sequence[int]]) -> torch.Tensor
 
 def inner_step(weight: torch.Tensor, grad: torch.Tensor, inner_lr: float, dims: Union[int, Sequence[int]],
                normalize: bool = True) -> torch.Tensor:
-    """The trained inner state ``W - lr · ĝ``, ``ĝ`` the gradient soft-normalised over ``dims`` (or raw)."""
-    return weight - inner_lr * (soft_normalize(grad, dims) if normalize else grad)
+    """The trained inner state ``W - lr · ĝ``, ``ĝ`` the gradient soft-normalised over ``dims`` (or raw). One
+    ``addcdiv`` (``W + (-lr) · g / (||g|| + 1)``) instead of a division, a product and a difference: these tensors
+    are tiny, each kernel call is fixed cost (ViT³-T at batch 1 steps 24 of them a forward)."""
+    if not normalize:
+        return torch.add(weight, grad, alpha=-inner_lr)
+    return torch.addcdiv(weight, grad, l2_norm(grad, dims) + 1.0, value=-inner_lr)
 
 
 def soft_normalize_backward(grad: torch.Tensor, grad_out: torch.Tensor,
