@@ -80,7 +80,7 @@ def test_windowed_equals_convolution(monkeypatch, shape, ks, padding, token_majo
     """The grouped backend's form for small maps without autograd (strided windows of the padded map, one product,
     one sum) equals the grouped convolution, for the kernel gradient and the per-sample kernel's application, whole
     map and band (the band's context rows), on the mixer's token-major views and on NCHW maps. It runs up to its
-    size limit and not above, and never under autograd."""
+    size limit and not above, never under autograd, never while shapes are symbolic (export, compile)."""
     import vittt.ops.dwconv.composable as composable
     dwconv_backend('grouped')
     b, c, h, w = shape
@@ -106,7 +106,13 @@ def test_windowed_equals_convolution(monkeypatch, shape, ks, padding, token_majo
     out = run()
     assert calls and out.shape == convolution.shape == ((b, c, ks, ks) if op == 'gradient' else (b, c, h, w))
     torch.testing.assert_close(out, convolution, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(composable, 'symbolic_shapes', lambda: True)   # captured / compiled: no size branch
+    run()
+    assert len(calls) == 1
+    monkeypatch.undo()
     calls.clear()
+    monkeypatch.setattr(composable, windowed_name, lambda *a: calls.append(1) or windowed(*a))
+    monkeypatch.setattr(composable, limit, x.numel())
     with torch.enable_grad():     # under autograd (the composable path's backward) the convolution
         x.requires_grad_()
         run()

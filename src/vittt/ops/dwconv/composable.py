@@ -46,7 +46,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .._capture import capturing_for_export
+from .._capture import capturing_for_export, symbolic_shapes
 from ..loss import InnerLoss
 from ..normalize import inner_step
 
@@ -142,8 +142,11 @@ def _windowed_per_sample(x: torch.Tensor, weight: torch.Tensor, padding) -> torc
 
 
 def _runs_windowed(limit: int, *tensors: torch.Tensor) -> bool:
-    """Small maps (at most ``limit`` values) without autograd."""
-    return tensors[0].numel() <= limit and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    """Small maps (at most ``limit`` values) without autograd, with concrete shapes (no size branch while a graph is
+    captured or compiled: the grouped backend then keeps its convolutions)."""
+    if symbolic_shapes() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return False
+    return tensors[0].numel() <= limit
 
 
 def _shifted_per_sample(x: torch.Tensor, weight: torch.Tensor, padding) -> torch.Tensor:
