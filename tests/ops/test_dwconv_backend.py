@@ -80,7 +80,8 @@ def test_windowed_equals_convolution(monkeypatch, shape, ks, padding, token_majo
     """The grouped backend's form for small maps without autograd (strided windows of the padded map, one product,
     one sum) equals the grouped convolution, for the kernel gradient and the per-sample kernel's application, whole
     map and band (the band's context rows), on the mixer's token-major views and on NCHW maps. It runs up to its
-    size limit and not above, never under autograd, never while shapes are symbolic (export, compile)."""
+    size limit and not above, never under autograd, a dispatch mode (FLOP counting) or symbolic shapes (export,
+    compile)."""
     import vittt.ops.dwconv.composable as composable
     dwconv_backend('grouped')
     b, c, h, w = shape
@@ -106,6 +107,9 @@ def test_windowed_equals_convolution(monkeypatch, shape, ks, padding, token_majo
     out = run()
     assert calls and out.shape == convolution.shape == ((b, c, ks, ks) if op == 'gradient' else (b, c, h, w))
     torch.testing.assert_close(out, convolution, rtol=1e-12, atol=1e-12)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False):                               # counted as the convolution it is
+        run()
     monkeypatch.setattr(composable, 'symbolic_shapes', lambda: True)   # captured / compiled: no size branch
     run()
     assert len(calls) == 1
