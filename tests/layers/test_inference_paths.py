@@ -339,3 +339,35 @@ def test_mlp_training_path_calls_hooked_layers(child):
     (grad,) = torch.autograd.grad(out.sum(), x)
     (grad_ref,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(grad, grad_ref)
+
+
+@pytest.mark.parametrize('grad', [True, False], ids=['autograd', 'inference'])
+def test_cpe_residual_is_one_folded_convolution(grad):
+    """``x + DWConv(x)`` as one convolution with the identity in its kernel, with and without autograd: the output
+    and every gradient (input, kernel, bias) equal the convolution plus the sum, and no add runs over the map; a
+    hooked convolution is called as the module (its hook's change is kept)."""
+    from torch.profiler import profile
+    from vittt.layers import cpe_residual
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    x = torch.randn(2, 20, 16, requires_grad=True)
+
+    def plain(t):
+        return t + conv(t.transpose(1, 2).reshape(2, 16, 4, 5)).flatten(2).transpose(1, 2)
+
+    with torch.set_grad_enabled(grad), profile(record_shapes=True) as prof:
+        out = cpe_residual(conv, x, (4, 5))
+    # (the one add is the kernel's: [16, 1, 3, 3] + the centre tap; none over the map)
+    assert [e.input_shapes[0] for e in prof.events() if e.name in ('aten::add', 'aten::add_')] == [[16, 1, 3, 3]]
+    with torch.set_grad_enabled(grad):
+        ref = plain(x)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    if grad:
+        target = torch.randn_like(out)
+        ours = torch.autograd.grad((out * target).sum(), (x, conv.weight, conv.bias))
+        theirs = torch.autograd.grad((ref * target).sum(), (x, conv.weight, conv.bias))
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    conv.register_forward_hook(_scaling_hook)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(cpe_residual(conv, x, (4, 5)), x + 1.5 * (ref - x), atol=1e-5, rtol=1e-5)

@@ -9,40 +9,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath
 
 from ..ops._capture import symbolic_shapes
-from ..ops.onednn import identity_folded, plain_linear, plain_module
-from .grid import GridSize, map_to_tokens, tokens_to_map
+from ..ops.onednn import plain_linear
+from .conv import cpe_residual
+from .grid import GridSize, residual
 from . import lean
 from .lean import DEFAULT_CHUNK_TOKENS, bands
 from .mlp import TokenMlp
 from .ttt import TTTMixer
 
 __all__ = ['TTTBlock', 'cpe_residual', 'residual']
-
-
-def cpe_residual(cpe: nn.Conv2d, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-    """``x + DWConv3x3(x)`` on the token grid (``x`` is left intact); see :func:`residual`. Without autograd one
-    convolution whose kernel holds the identity (:func:`~vittt.ops.onednn.identity_folded`): no second pass for
-    the sum. A hooked or subclassed ``cpe`` is called as the module (:func:`~vittt.ops.onednn.plain_module`)."""
-    if not torch.is_grad_enabled() and not symbolic_shapes() and plain_module(cpe, nn.Conv2d):
-        folded = identity_folded(cpe.weight)
-        return map_to_tokens(F.conv2d(tokens_to_map(x, grid_size), folded, cpe.bias, cpe.stride, cpe.padding,
-                                      cpe.dilation, cpe.groups))
-    return residual(map_to_tokens(cpe(tokens_to_map(x, grid_size))), x)
-
-
-def residual(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``branch + x``. Without autograd the sum is formed in place in the branch's fresh output (one large
-    allocation less). With autograd a new tensor: the branch outputs are views (of a Linear's 2-D output, of a
-    channels-last map), and an in-place add on a view costs a ``CopySlices`` / ``AsStrided`` replay in backward
-    (a zero-filled buffer, a clone and two copies of the gradient per branch), more than the allocation saved."""
-    if torch.is_grad_enabled():
-        return branch + x
-    return branch.add_(x)
 
 
 class TTTBlock(nn.Module):

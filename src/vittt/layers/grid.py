@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..ops._capture import symbolic_shapes
 
-__all__ = ['GridSize', 'tokens_to_map', 'map_to_tokens', 'pad_to_multiple']
+__all__ = ['GridSize', 'tokens_to_map', 'map_to_tokens', 'pad_to_multiple', 'residual']
 
 GridSize = Tuple[int, int]
 
@@ -40,3 +40,13 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     if symbolic_shapes() or pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
     return x
+
+
+def residual(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``branch + x``. Without autograd the sum is formed in place in the branch's fresh output (one large
+    allocation less). With autograd a new tensor: the branch outputs are views (of a Linear's 2-D output, of a
+    channels-last map), and an in-place add on a view costs a ``CopySlices`` / ``AsStrided`` replay in backward
+    (a zero-filled buffer, a clone and two copies of the gradient per branch), more than the allocation saved."""
+    if torch.is_grad_enabled():
+        return branch + x
+    return branch.add_(x)

@@ -9,6 +9,7 @@ from torch import nn
 from ..ops import gelu_linear
 from ..ops._capture import symbolic_shapes
 from ..ops.onednn import activation_name, conv_act, identity_folded, linear_layer, plain_linear, plain_module
+from .conv import cpe_residual
 from .grid import GridSize, map_to_tokens, tokens_to_map
 
 __all__ = ['TokenMlp']
@@ -37,8 +38,7 @@ class TokenMlp(nn.Module):
         h = self.fc1(x)
         dropout_before_fc2 = self.dwc is None and self.training and self.drop1.p > 0
         if self.dwc is not None:
-            a = self.drop1(self.act(h))
-            h = a + map_to_tokens(self.dwc(tokens_to_map(a, grid_size)))
+            h = cpe_residual(self.dwc, self.drop1(self.act(h)), grid_size)   # a + DWConv(a), one convolution
         if (torch.is_grad_enabled() and plain_module(self.act, nn.GELU) and plain_linear(self.fc2)
                 and not dropout_before_fc2 and not symbolic_shapes()):
             # (the fused function saves memory in training; captured graphs, hooked or subclassed layers: plain ops)
@@ -63,5 +63,5 @@ class TokenMlp(nn.Module):
             h = after(map_to_tokens(conv_act(tokens_to_map(h, grid_size), identity_folded(dwc.weight), dwc.bias,
                                              dwc.stride, dwc.padding, dwc.dilation, dwc.groups, act, approximate)))
         elif dwc is not None:  # a hooked or subclassed convolution: called as the module
-            h = self.act(h + map_to_tokens(dwc(tokens_to_map(h, grid_size))))
+            h = self.act(cpe_residual(dwc, h, grid_size))
         return linear_layer(self.fc2, h)
