@@ -8,7 +8,7 @@ loss), the kernel gradient is the cross-correlation of the padded keys with E::
     g[b, c, i, j] = sum_{y, x} K_pad[b, c, y + i, x + j] · E[b, c, y, x]
 
 computed as one grouped convolution whose kernel is E itself (faster on CPU than k² shifted products, see below).
-Small maps without autograd (at most :data:`WINDOWED_ELEMENTS` values, e.g. ViT³-T at 224², batch ≤ 16) take the
+Small maps without autograd (at most :data:`WINDOWED_ELEMENTS` values, e.g. ViT³-T at 224², batch ≤ 20) take the
 windowed form instead, for the gradient and for the per-sample kernel's application: the k² shifted windows of the
 padded token-major map as one strided view, one product (with E, or with the taps) into a fresh buffer and one sum
 (over the tokens, or over the taps). oneDNN's fixed cost is more than the arithmetic there, most of all for a
@@ -101,7 +101,7 @@ def _pair(padding) -> tuple:
 
 
 #: the largest keys map (values, ``B·C·H·W``) whose kernel gradient :func:`dwconv_inner_grad` computes in the windowed
-#: form without autograd. ``python benchmarks/dwconv_backends.py`` on this CPU: the windowed gradient is 1.2-2×
+#: form without autograd. ``python benchmarks/dwconv_backends.py`` on this CPU: the windowed gradient is 1.1-1.9×
 #: faster than the grouped convolution up to 1 × 32 × 56² (100 k values), the convolution 1.1-1.3× faster from 195 k
 #: (1 × 32 × 78², 32 × 32 × 14²)
 WINDOWED_ELEMENTS = 1 << 17
