@@ -20,7 +20,7 @@ Backward (the function saves only q, k, v, W and the raw G, and recomputes Z, W'
     dĜ = -lr dW',  dG = dĜ/(n+1) - G (Σ_rows G ⊙ dĜ) / (n (n+1)²)          (n = ||G||_col)
     dM = c K dG,   dK = c M dGᵀ + dZ Wᵀ,   dW = Σ_b dW' + Kᵀ dZ
     dV = dM1 ⊙ A + dM2 ⊙ Z1 ⊙ D,   dZ1 = dM2 ⊙ V ⊙ D,
-    dZ2 = V ⊙ (dM1 ⊙ SiLU'(Z2) + dM2 ⊙ Z1 ⊙ SiLU''(Z2)),   SiLU'' = σ(1-σ)(2 + z(1-2σ))
+    dZ2 = V ⊙ (dM1 ⊙ SiLU'(Z2) + dM2 ⊙ Z1 ⊙ SiLU''(Z2)),   SiLU'' = σ(1-σ)(2 + z(1-2σ)) = σ + (1-2σ) SiLU'
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from ..normalize import inner_step, soft_normalize_backward
 __all__ = ['swiglu_ttt_fused']
 
 _silu_grad = torch.ops.aten.silu_backward  # silu_backward(g, z) = g ⊙ SiLU'(z), one pass
-_sigmoid_grad = torch.ops.aten.sigmoid_backward  # sigmoid_backward(g, σ) = g ⊙ σ(1-σ), one pass
 
 
 def _into(out: torch.Tensor, fn, *args) -> None:
@@ -164,10 +163,10 @@ class _SwiGLUTTT(torch.autograd.Function):
         sig = torch.sigmoid(z2)
         act = z2 * sig                                            # SiLU(Z2)
         d_act = _silu_grad(sig.new_ones(()).expand_as(z2), z2)   # SiLU'(Z2)
+        vd = vh * d_act                                           # V ⊙ SiLU'(Z2), in M2 and dZ1
         m = q.new_empty(h, b * n, 2 * d)
         _into(m[..., :d], torch.mul, vh, act)
-        _into(m[..., d:], torch.mul, vh, z1)
-        m[..., d:].mul_(d_act)
+        _into(m[..., d:], torch.mul, vd, z1)
         m = m.view(h, b, n, 2 * d)
         grad_m = q.new_empty(h, b, n, 2 * d)
         grad_k = q.new_empty(h, b, n, d)
@@ -182,10 +181,10 @@ class _SwiGLUTTT(torch.autograd.Function):
         grad_v = torch.addcmul(gm1 * act, u, d_act)
         grad_z = torch.empty_like(z)
         gz1, gz2 = grad_z[..., :d], grad_z[..., d:]
-        _into(gz1, torch.mul, gm2, vh)
-        gz1.mul_(d_act)
-        # SiLU''(Z2) = σ(1-σ)(2 + Z2(1-2σ)) = σ(1-σ)(2 + Z2 - 2 SiLU(Z2))
-        d2_act = _sigmoid_grad(torch.add(z2, act, alpha=-2.0).add_(2.0), sig)
+        _into(gz1, torch.mul, gm2, vd)
+        del vd
+        # SiLU''(Z2) = σ(1-σ)(2 + Z2(1-2σ)) = σ + (1-2σ) SiLU'(Z2), since SiLU' = σ + Z2 σ(1-σ)
+        d2_act = torch.addcmul(d_act, sig, d_act, value=-2.0).add_(sig)
         _into(gz2, torch.mul, gm1, d_act)
         gz2.addcmul_(u, d2_act).mul_(vh)
         grad_k = grad_k.view(h, b * n, d).baddbmm_(grad_z, w12.transpose(1, 2))
