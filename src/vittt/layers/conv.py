@@ -13,7 +13,14 @@ from ..ops.onednn import conv_act, identity_folded, plain_module
 from . import lean
 from .grid import GridSize, map_to_tokens, pad_to_multiple, residual, tokens_to_map
 
-__all__ = ['ConvNormAct', 'ConvStem', 'ConvDownsample', 'PatchEmbed', 'cpe_residual']
+__all__ = ['ConvNormAct', 'ConvStem', 'ConvDownsample', 'PatchEmbed', 'cpe_residual', 'folds_identity']
+
+
+def folds_identity(conv: nn.Module) -> bool:
+    """Whether ``x + conv(x)`` may run as one convolution with the identity added to its kernel's centre tap
+    (:func:`~vittt.ops.onednn.identity_folded`): an exact, hook-free ``nn.Conv2d``
+    (:func:`~vittt.ops.onednn.plain_module`) with zero padding, which the folded kernel's border relies on."""
+    return plain_module(conv, nn.Conv2d) and conv.padding_mode == 'zeros'
 
 
 def cpe_residual(conv: nn.Conv2d, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
@@ -21,9 +28,9 @@ def cpe_residual(conv: nn.Conv2d, x: torch.Tensor, grid_size: GridSize) -> torch
     identity (:func:`~vittt.ops.onednn.identity_folded`): no second pass for the sum, and in training none for its
     gradient either (autograd otherwise adds the residual's gradient to the convolution's input gradient, another
     pass; ViT³-T's CPE at batch 32: 4.0-4.7 → 2.3-2.4 ms forward + backward). ``conv``: a stride-1, zero-padded
-    depth-wise ``nn.Conv2d`` keeping the size. A hooked or subclassed convolution
-    (:func:`~vittt.ops.onednn.plain_module`), and any while a graph is captured, runs as the module plus the sum."""
-    if plain_module(conv, nn.Conv2d) and conv.padding_mode == 'zeros' and not symbolic_shapes():
+    depth-wise ``nn.Conv2d`` keeping the size. One that :func:`folds_identity` refuses (hooked, subclassed, not
+    zero-padded), and any while a graph is captured, runs as the module plus the sum."""
+    if folds_identity(conv) and not symbolic_shapes():
         return map_to_tokens(F.conv2d(tokens_to_map(x, grid_size), identity_folded(conv.weight), conv.bias,
                                       conv.stride, conv.padding, conv.dilation, conv.groups))
     return residual(map_to_tokens(conv(tokens_to_map(x, grid_size))), x)

@@ -9,7 +9,7 @@ from torch import nn
 from ..ops import gelu_linear
 from ..ops._capture import symbolic_shapes
 from ..ops.onednn import activation_name, conv_act, identity_folded, linear_layer, plain_linear, plain_module
-from .conv import cpe_residual
+from .conv import cpe_residual, folds_identity
 from .grid import GridSize, map_to_tokens, tokens_to_map
 
 __all__ = ['TokenMlp']
@@ -59,9 +59,9 @@ class TokenMlp(nn.Module):
         after = self.act if act is None else (lambda t: t)   # another activation module: applied after the layer
         h = after(linear_layer(self.fc1, x, act, approximate))
         dwc = self.dwc
-        if dwc is not None and plain_module(dwc, nn.Conv2d):
+        if dwc is not None and folds_identity(dwc):
             h = after(map_to_tokens(conv_act(tokens_to_map(h, grid_size), identity_folded(dwc.weight), dwc.bias,
                                              dwc.stride, dwc.padding, dwc.dilation, dwc.groups, act, approximate)))
-        elif dwc is not None:  # a hooked or subclassed convolution: called as the module
+        elif dwc is not None:  # a hooked, subclassed or not zero-padded convolution: called as the module
             h = self.act(cpe_residual(dwc, h, grid_size))
         return linear_layer(self.fc2, h)

@@ -12,6 +12,12 @@ def capturing_for_export() -> bool:
     return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on ``tensors``: grad mode on and one of them requires grad (the fused ops
+    skip their autograd Function, and the small-map forms run, only when it does not)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def symbolic_shapes() -> bool:
     """Sizes may be symbolic: no branch on them (and no cache keyed by them) while this holds."""
     return capturing_for_export() or torch.compiler.is_compiling() or is_fx_symbolic_tracing()

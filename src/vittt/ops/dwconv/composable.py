@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from .._capture import capturing_for_export, symbolic_shapes
+from .._capture import capturing_for_export, records_grad, symbolic_shapes
 from ..loss import InnerLoss
 from ..normalize import inner_step
 
@@ -146,8 +146,7 @@ def _runs_windowed(limit: int, *tensors: torch.Tensor) -> bool:
     """Small maps (at most ``limit`` values) without autograd, with concrete shapes (no size branch while a graph is
     captured or compiled: the grouped backend then keeps its convolutions) and no dispatch mode active
     (``FlopCounterMode`` counts the convolutions' MACs, not those of a product and a sum)."""
-    if symbolic_shapes() or is_in_torch_dispatch_mode() or (
-            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if symbolic_shapes() or is_in_torch_dispatch_mode() or records_grad(*tensors):
         return False
     return tensors[0].numel() <= limit
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._capture import records_grad
 from ..normalize import soft_normalize_backward
 from .composable import dwconv_inner_grad, dwconv_per_sample, stepped_kernel
 
@@ -52,6 +53,6 @@ def dwconv_ttt_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: 
             or weight.shape[-1] % 2 != 1:
         raise ValueError(f'weight must be [C, 1, k, k] with C = {channels} and odd k, got {tuple(weight.shape)}')
     c = -float(scale) / (q.shape[-2] * q.shape[-1])
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, weight))):
+    if not records_grad(q, k, v, weight):
         return _forward(q, k, v, weight, c, float(inner_lr), bool(normalize))[0]  # (no autograd Function's call)
     return _DWConvTTT.apply(q, k, v, weight, c, float(inner_lr), bool(normalize))

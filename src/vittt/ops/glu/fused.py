@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._capture import records_grad
 from ..normalize import inner_step, soft_normalize_backward
 
 __all__ = ['swiglu_ttt_fused']
@@ -208,14 +209,15 @@ def swiglu_ttt_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w12: tor
     h, d = q.shape[2:]
     if w12.shape != (h, d, 2 * d):
         raise ValueError(f'w12 must be [h, d, 2d] = {(h, d, 2 * d)}, got {tuple(w12.shape)}')
+    differentiable = records_grad(q, k, v, w12)
     if out is not None:
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, w12)):
+        if differentiable:
             raise ValueError('out= is for inference: q, k, v or w12 requires grad')
         if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
             raise ValueError(f'out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, got '
                              f'{out.dtype} {tuple(out.shape)} on {out.device}')
     c = -float(scale) / q.shape[1]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, w12))):
+    if not differentiable:
         # nothing to differentiate: the forward alone (an autograd Function's call costs ~12 µs, 12 calls a forward)
         return _forward(q, k, v, w12, c, float(inner_lr), bool(normalize), out)[0]
     return _SwiGLUTTT.apply(q, k, v, w12, c, float(inner_lr), bool(normalize), out)

@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from .._capture import records_grad
 from .composable import ln_l2_grad_parts, minibatch_coefficients
 
 __all__ = ['ttt_scan_fused']
@@ -105,7 +106,7 @@ def ttt_scan_fused(kind: str, q, k, v, lr, state: Dict[str, torch.Tensor], *, mi
     if mini_batch_size < 1:
         raise ValueError(f'mini_batch_size must be ≥ 1, got {mini_batch_size}')
     bsz, heads, n, d = q.shape
-    track = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, *state.values()))
+    track = records_grad(q, k, v, lr, *state.values())
     root_d = math.sqrt(d)
     ln_w, ln_b = _per_sample(state['ln_weight'], bsz), _per_sample(state['ln_bias'], bsz)  # [BH, 1, d]
     w_sq = ln_w * ln_w * root_d
