@@ -268,6 +268,29 @@ def test_vision_ttt_block_inference_path(cls_token):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('kind', ['vit3', 'hvit3', 'vision_ttt'])
+def test_training_mode_without_autograd_keeps_drop_path(kind):
+    """In training mode a block without autograd (``torch.no_grad()``, e.g. a teacher or a statistics pass) computes
+    what it computes with autograd, drop-path included: the eval-only fast paths stay off. The same seed gives the
+    same output both ways, and some samples' branches are dropped (the output is not the eval output)."""
+    from vittt.models.vision_ttt import VisionTTTBlock
+    torch.manual_seed(0)
+    if kind == 'vision_ttt':
+        block = VisionTTTBlock(24, 2, drop_path=0.5, mixer_kwargs=dict(mini_batch_size=4))
+    else:
+        block = TTTBlock(24, 2, drop_path=0.5, mlp_dwconv=kind == 'hvit3', rope=RoPE2d(24) if kind == 'hvit3' else None)
+    x = torch.randn(8, 20, 24)
+    block.train()
+    torch.manual_seed(1)
+    ref = block(x, (4, 5))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = block(x, (4, 5))
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    with torch.no_grad():
+        assert not torch.allclose(out, block.eval()(x, (4, 5)), atol=1e-3)
+
+
 def _scaling_hook(module, inputs, output):
     """A forward hook that changes the layer's output: a path that bypassed it would compute another function."""
     return output * 1.5
