@@ -71,10 +71,10 @@ def test_conv_act_equals_eager(act, stride, padding, groups, channels_last):
         memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize('case', ['autograd', 'float64', 'disabled', 'meta', 'flop counter'])
+@pytest.mark.parametrize('case', ['autograd', 'float64', 'disabled', 'meta', 'flop counter', 'autocast'])
 def test_fallback_where_fusion_does_not_apply(case):
-    """With autograd, in float64, with oneDNN disabled, off the CPU or under a dispatch mode (the MAC counter knows
-    the plain ops): the eager layer and activation, exactly."""
+    """With autograd, in float64, with oneDNN disabled, off the CPU, under a dispatch mode (the MAC counter knows
+    the plain ops) or under autocast (which sets the ops' dtype): the eager layer and activation, exactly."""
     torch.manual_seed(0)
     dtype = torch.float64 if case == 'float64' else torch.float32
     device = 'meta' if case == 'meta' else 'cpu'
@@ -84,8 +84,9 @@ def test_fallback_where_fusion_does_not_apply(case):
     k = torch.randn(8, 1, 3, 3, dtype=dtype, device=device)
     calls = []
     counter = FlopCounterMode(display=False) if case == 'flop counter' else contextlib.nullcontext()
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=case == 'autocast')
     with torch.set_grad_enabled(case == 'autograd'), torch.backends.mkldnn.flags(enabled=case != 'disabled'), \
-            _counting(calls, '_linear_pointwise'), _counting(calls, '_convolution_pointwise'), counter:
+            _counting(calls, '_linear_pointwise'), _counting(calls, '_convolution_pointwise'), counter, autocast:
         assert not onednn.post_ops_apply(x, w, b)
         out = onednn.linear_act(x, w, b, 'gelu')
         conv = onednn.conv_act(m, k, None, (1, 1), (1, 1), (1, 1), 8, 'relu')

@@ -52,14 +52,16 @@ def activation_name(module: nn.Module) -> Optional[str]:
 
 
 def post_ops_apply(*tensors: torch.Tensor) -> bool:
-    """Whether oneDNN's fused post-ops run for these operands: no autograd, concrete shapes, float32 CPU tensors,
-    oneDNN available and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns the fused paths off too), and
+    """Whether oneDNN's fused post-ops run for these operands: no autograd, no CPU autocast, concrete shapes,
+    float32 CPU tensors, oneDNN available and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns the fused paths off too), and
     no dispatch mode active (``FlopCounterMode`` and its kin know the plain ops' formulas, not these)."""
     if torch.is_grad_enabled() or symbolic_shapes() or is_in_torch_dispatch_mode():
         return False
     if not torch.backends.mkldnn.is_available():
         return False
     if not torch.backends.mkldnn.enabled:
+        return False
+    if torch.is_autocast_enabled('cpu'):  # autocast sets the ops' dtype; the fused ops would bypass it
         return False
     return all(t is None or (t.device.type == 'cpu' and t.dtype == torch.float32) for t in tensors)
 
