@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-15 targets: five `vittt bench` runs (one per batch size / peer group; every ratio is between models of
-# the same run), then the targets table. About 25 min on the project's 2-core machine.
+# the same run), then the targets table. About 6–8 min on the project's 2-core machine.
 #   bash benchmarks/issue15.sh [OUTPUT_DIR]        (default docs/bench/issue15)
 #   OFFICIAL=PATH bash benchmarks/issue15.sh       also time the official ViT³ TTT block (a checkout of
 #                                                  LeapLabTHU/ViTTT) in runs 1 and 3 (`vittt bench --official`)
