@@ -41,8 +41,8 @@ def set_memory_lean(model: nn.Module, enabled: bool = True, chunk_tokens: Option
     In lean mode a block processes its tokens in chunks of ``chunk_tokens`` wherever the math is per token (the
     projections, the MLP, applying the trained inner model) and accumulates the inner gradients (sums over tokens)
     chunk by chunk, so peak activation memory no longer grows with several ``N × 4C`` tensors. The result equals the
-    default mode's. It applies to inference (eval mode, no autograd graph); with gradients enabled or in training mode blocks
-    run the default path.
+    default mode's. It applies to inference (eval mode, no autograd graph); with gradients enabled or in training
+    mode blocks run the default path.
 
     A thin call of ``vittt.set_fast_path(model, memory_lean=enabled, chunk_tokens=chunk_tokens)``, chunk_tokens
     defaulting to :data:`DEFAULT_CHUNK_TOKENS` (see :mod:`vittt.layers.switches`: restoring the previous settings,

@@ -52,9 +52,10 @@ def activation_name(module: nn.Module) -> Optional[str]:
 
 
 def post_ops_apply(*tensors: torch.Tensor) -> bool:
-    """Whether oneDNN's fused post-ops run for these operands: no autograd, no CPU autocast, concrete shapes,
-    float32 CPU tensors, oneDNN available and enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns the fused paths off too), and
-    no dispatch mode active (``FlopCounterMode`` and its kin know the plain ops' formulas, not these)."""
+    """Whether oneDNN's fused post-ops run for these operands: no autograd, no CPU autocast (which sets the ops'
+    dtype), concrete shapes, float32 CPU tensors, oneDNN available and enabled
+    (``torch.backends.mkldnn.flags(enabled=False)`` turns the fused paths off too), and no dispatch mode active
+    (``FlopCounterMode`` and its kin know the plain ops' formulas, not these)."""
     if torch.is_grad_enabled() or symbolic_shapes() or is_in_torch_dispatch_mode():
         return False
     if not torch.backends.mkldnn.is_available():
