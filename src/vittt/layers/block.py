@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from timm.layers import DropPath
 
-from ..ops._capture import symbolic_shapes
+from ..ops._capture import eval_inference
 from ..ops.onednn import plain_linear
 from .conv import cpe_residual
 from .grid import GridSize, residual
@@ -53,9 +53,8 @@ class TTTBlock(nn.Module):
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
         # Each residual sum is never formed in ``x``, which the caller may keep (see ``residual``).
         x = cpe_residual(self.cpe, x, grid_size)
-        # eval without autograd: residuals in place, the MLP (and, memory-lean, the mixer) in bands. In training mode
-        # the plain path runs with or without autograd, so drop-path and dropout act as they do under autograd
-        if not torch.is_grad_enabled() and not self.training and not symbolic_shapes():  # (bands: Python loops)
+        # eval without autograd: residuals in place, the MLP (and, memory-lean, the mixer) in bands (Python loops)
+        if eval_inference(self):
             # (the bands read the QKV projection's weights: a hooked or subclassed one runs whole)
             if self.memory_lean and self.attn.supports_lean() and plain_linear(self.attn.qkv):
                 x += self.attn.forward_lean(x, grid_size, self.norm1, self.chunk_tokens)

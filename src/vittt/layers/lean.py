@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._capture import symbolic_shapes
+from ..ops._capture import eval_inference
 from .switches import set_fast_path
 
 __all__ = ['set_memory_lean', 'DEFAULT_CHUNK_TOKENS', 'CHUNK_ELEMENTS', 'Band', 'bands', 'chunks_on_cpu',
@@ -26,7 +26,7 @@ def chunks_on_cpu(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether the CPU inference paths chunk ``module``'s work on ``x``: eval mode, no autograd, concrete shapes and a
     CPU tensor (the page faults they avoid are the CPU allocator's; a GPU's caching allocator has none, and chunks
     would only add kernels there)."""
-    return not (module.training or torch.is_grad_enabled() or symbolic_shapes() or x.device.type != 'cpu')
+    return eval_inference(module) and x.device.type == 'cpu'
 
 
 def sample_group(batch: int, per_sample: int) -> int:

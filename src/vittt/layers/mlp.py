@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import gelu_linear
-from ..ops._capture import symbolic_shapes
+from ..ops._capture import eval_inference, symbolic_shapes
 from ..ops.onednn import activation_name, conv_act, identity_folded, linear_layer, plain_linear, plain_module
 from .conv import cpe_residual, folds_identity
 from .grid import GridSize, map_to_tokens, tokens_to_map
@@ -33,7 +33,7 @@ class TokenMlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        if not torch.is_grad_enabled() and not self.training and not symbolic_shapes():
+        if eval_inference(self):
             return self._forward_inference(x, grid_size)
         h = self.fc1(x)
         dropout_before_fc2 = self.dwc is None and self.training and self.drop1.p > 0

@@ -18,7 +18,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers import GridSize, PatchEmbed, VisionTTTMixer, residual
 from ..layers.vision_ttt import TTTInnerState
-from ..ops._capture import symbolic_shapes
+from ..ops._capture import eval_inference
 from ..ops.onednn import activation_name, linear_act, linear_layer, linear_mul, plain_linear
 from ._base import (ClassifierMixin, SingleGridMixin, check_images, create_model, init_weights, quarter_depth_indices,
                     run_blocks, vit3_pretrained_cfg)
@@ -50,7 +50,7 @@ class VisionTTTBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        if not torch.is_grad_enabled() and not self.training and not symbolic_shapes():
+        if eval_inference(self):
             # eval inference: each residual sum in its branch's fresh output, the SwiGLU through oneDNN post-ops
             x = residual(self.mixer(self.norm1(x), grid_size, self.num_prefix_tokens), x)
             return residual(_swiglu_inference(self.mlp, self.norm2(x)), x)

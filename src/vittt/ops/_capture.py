@@ -18,6 +18,12 @@ def records_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def eval_inference(module) -> bool:
+    """Whether ``module`` runs its eval inference path: eval mode, no autograd and concrete shapes. In training mode
+    the plain path runs with or without autograd (so drop-path and dropout act under ``torch.no_grad()`` too)."""
+    return not (module.training or torch.is_grad_enabled() or symbolic_shapes())
+
+
 def symbolic_shapes() -> bool:
     """Sizes may be symbolic: no branch on them (and no cache keyed by them) while this holds."""
     return capturing_for_export() or torch.compiler.is_compiling() or is_fx_symbolic_tracing()

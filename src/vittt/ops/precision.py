@@ -35,8 +35,7 @@ def in_float32(fn: Callable[..., torch.Tensor], q: torch.Tensor, *args, **kwargs
     """``fn(q, *args, **kwargs)`` with floating tensors (and dicts of them) in float32 and autocast disabled."""
     if runs_as_is(q):
         return fn(q, *args, **kwargs)
-    dtype, device = q.dtype, q.device.type
-    autocast = torch.amp.is_autocast_available(device)
-    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+    device = q.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext():
         out = fn(upcast(q), *(upcast(a) for a in args), **{k: upcast(v) for k, v in kwargs.items()})
-    return out.to(dtype)
+    return out.to(q.dtype)
